@@ -274,8 +274,7 @@ fn out_of_range_values_are_refused() {
         Err(ProtocolError::ValueOutOfRange)
     );
 
-    let mut config = TrapConfig::default();
-    config.checkin_interval_s = 10;
+    let config = TrapConfig { checkin_interval_s: 10, ..TrapConfig::default() };
     let mut buf = [0u8; DesiredConfig::ENCODED_LEN_MAX];
     let len = encode(&DesiredConfig { version: 1, config }, &mut buf)
         .unwrap()
