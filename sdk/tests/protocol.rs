@@ -274,7 +274,10 @@ fn out_of_range_values_are_refused() {
         Err(ProtocolError::ValueOutOfRange)
     );
 
-    let config = TrapConfig { checkin_interval_s: 10, ..TrapConfig::default() };
+    let config = TrapConfig {
+        checkin_interval_s: 10,
+        ..TrapConfig::default()
+    };
     let mut buf = [0u8; DesiredConfig::ENCODED_LEN_MAX];
     let len = encode(&DesiredConfig { version: 1, config }, &mut buf)
         .unwrap()
