@@ -716,3 +716,38 @@ pub struct FirmwareVersion {
     /// Fixes.
     pub patch: u16,
 }
+
+pub use crate::provision::{ClaimChallenge, ClaimProof, ClaimRejected, ClaimRequest};
+
+impl Message for ClaimRequest {
+    const KIND: MessageKind = MessageKind::ClaimRequest;
+}
+
+impl Message for ClaimProof {
+    const KIND: MessageKind = MessageKind::ClaimProof;
+}
+
+impl Message for ClaimChallenge {
+    const KIND: MessageKind = MessageKind::ClaimChallenge;
+}
+
+impl Message for ClaimRejected {
+    const KIND: MessageKind = MessageKind::ClaimRejected;
+}
+
+/// The device's credentials, sealed under a key derived from the freshly
+/// agreed session key (see [`crate::provision::seal_credentials`]); opened by
+/// [`crate::provision::Provisioner::on_credentials`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+#[cfg_attr(feature = "defmt", derive(defmt::Format))]
+pub struct SealedCredentials {
+    /// The sealed frame.
+    pub frame: Vec<u8, { crate::provision::CREDENTIALS_FRAME_LEN_MAX }>,
+}
+
+impl Message for SealedCredentials {
+    const KIND: MessageKind = MessageKind::Credentials;
+    fn validate(&self) -> Result<(), ProtocolError> {
+        check(self.frame.len() >= crate::seal::SEAL_OVERHEAD)
+    }
+}
