@@ -51,11 +51,7 @@ impl BackoffConfig {
         if max_ms < initial_ms {
             return Err(BackoffConfigError::MaxBelowInitial);
         }
-        Ok(Self {
-            initial_ms,
-            max_ms,
-            attempts_max: None,
-        })
+        Ok(Self { initial_ms, max_ms, attempts_max: None })
     }
 
     /// Gives up after `attempts` delays (a trap then sleeps until its next
@@ -69,11 +65,7 @@ impl BackoffConfig {
 impl Default for BackoffConfig {
     /// 1 s growing to 5 min, retrying forever.
     fn default() -> Self {
-        Self {
-            initial_ms: 1_000,
-            max_ms: 300_000,
-            attempts_max: None,
-        }
+        Self { initial_ms: 1_000, max_ms: 300_000, attempts_max: None }
     }
 }
 
@@ -136,8 +128,7 @@ mod tests {
     fn grows_then_caps() {
         let mut backoff = Backoff::new(BackoffConfig::new(100, 1_000).unwrap());
         // With a zero random value every delay sits at half its cap.
-        let delays: std::vec::Vec<u32> =
-            (0..6).map(|_| backoff.next_delay_ms(0).unwrap()).collect();
+        let delays: std::vec::Vec<u32> = (0..6).map(|_| backoff.next_delay_ms(0).unwrap()).collect();
         assert_eq!(delays, [50, 100, 200, 400, 500, 500]);
         backoff.reset();
         assert!(backoff.next_delay_ms(0).unwrap() <= 100);
@@ -155,14 +146,8 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused() {
-        assert_eq!(
-            BackoffConfig::new(0, 10),
-            Err(BackoffConfigError::InitialZero)
-        );
-        assert_eq!(
-            BackoffConfig::new(10, 9),
-            Err(BackoffConfigError::MaxBelowInitial)
-        );
+        assert_eq!(BackoffConfig::new(0, 10), Err(BackoffConfigError::InitialZero));
+        assert_eq!(BackoffConfig::new(10, 9), Err(BackoffConfigError::MaxBelowInitial));
     }
 
     proptest! {

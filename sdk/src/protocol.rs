@@ -101,7 +101,7 @@ pub enum Route {
 }
 
 macro_rules! message_kinds {
-    ($( $(#[$doc:meta])* $name:ident = $value:literal => $route:expr, )*) => {
+    ($( $(#[$doc:meta])* $name:ident($ty:ty) = $value:literal => $route:expr, )*) => {
         /// The kind byte of the envelope: which message the body holds.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[cfg_attr(feature = "defmt", derive(defmt::Format))]
@@ -129,6 +129,20 @@ macro_rules! message_kinds {
                     $( Self::$name => $route, )*
                 }
             }
+
+            /// The longest envelope a message of this kind encodes to.
+            pub const fn encoded_len_max(self) -> usize {
+                match self {
+                    $( Self::$name => <$ty as Message>::ENCODED_LEN_MAX, )*
+                }
+            }
+
+            /// The Rust type of the message, for documentation and logs.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $( Self::$name => stringify!($ty), )*
+                }
+            }
         }
     };
 }
@@ -137,41 +151,41 @@ use Direction::{Down, Up};
 
 message_kinds! {
     /// [`Hello`], sent on every connection.
-    Hello = 0x01 => Route::Device(Up, "hello"),
+    Hello(Hello) = 0x01 => Route::Device(Up, "hello"),
     /// [`Detection`].
-    Detection = 0x02 => Route::Device(Up, "det"),
+    Detection(Detection) = 0x02 => Route::Device(Up, "det"),
     /// [`Health`].
-    Health = 0x03 => Route::Device(Up, "health"),
+    Health(Health) = 0x03 => Route::Device(Up, "health"),
     /// [`ReportedConfig`].
-    ReportedConfig = 0x04 => Route::Device(Up, "cfg"),
+    ReportedConfig(ReportedConfig) = 0x04 => Route::Device(Up, "cfg"),
     /// [`CommandResult`].
-    CommandResult = 0x05 => Route::Device(Up, "cmd"),
+    CommandResult(CommandResult) = 0x05 => Route::Device(Up, "cmd"),
     /// [`OtaChunkRequest`].
-    OtaChunkRequest = 0x06 => Route::Device(Up, "ota"),
+    OtaChunkRequest(OtaChunkRequest) = 0x06 => Route::Device(Up, "ota"),
     /// [`OtaProgress`].
-    OtaProgress = 0x07 => Route::Device(Up, "ota"),
+    OtaProgress(OtaProgress) = 0x07 => Route::Device(Up, "ota"),
     /// [`OtaResult`].
-    OtaResult = 0x08 => Route::Device(Up, "ota"),
+    OtaResult(OtaResult) = 0x08 => Route::Device(Up, "ota"),
     /// [`Ack`].
-    Ack = 0x40 => Route::Device(Down, "ack"),
+    Ack(Ack) = 0x40 => Route::Device(Down, "ack"),
     /// [`DesiredConfig`].
-    DesiredConfig = 0x41 => Route::Device(Down, "cfg"),
+    DesiredConfig(DesiredConfig) = 0x41 => Route::Device(Down, "cfg"),
     /// [`Command`].
-    Command = 0x42 => Route::Device(Down, "cmd"),
+    Command(Command) = 0x42 => Route::Device(Down, "cmd"),
     /// [`OtaOffer`].
-    OtaOffer = 0x43 => Route::Device(Down, "ota"),
+    OtaOffer(OtaOffer) = 0x43 => Route::Device(Down, "ota"),
     /// [`OtaChunk`].
-    OtaChunk = 0x44 => Route::Device(Down, "ota"),
+    OtaChunk(OtaChunk) = 0x44 => Route::Device(Down, "ota"),
     /// [`ClaimRequest`].
-    ClaimRequest = 0x80 => Route::Provision(Up),
+    ClaimRequest(ClaimRequest) = 0x80 => Route::Provision(Up),
     /// [`ClaimProof`].
-    ClaimProof = 0x81 => Route::Provision(Up),
+    ClaimProof(ClaimProof) = 0x81 => Route::Provision(Up),
     /// [`ClaimChallenge`].
-    ClaimChallenge = 0x82 => Route::Provision(Down),
+    ClaimChallenge(ClaimChallenge) = 0x82 => Route::Provision(Down),
     /// [`SealedCredentials`].
-    Credentials = 0x83 => Route::Provision(Down),
+    Credentials(SealedCredentials) = 0x83 => Route::Provision(Down),
     /// [`ClaimRejected`].
-    ClaimRejected = 0x84 => Route::Provision(Down),
+    ClaimRejected(ClaimRejected) = 0x84 => Route::Provision(Down),
 }
 
 /// A protocol message: its kind, route and maximum encoded size are fixed at
@@ -190,10 +204,7 @@ pub trait Message: Serialize + DeserializeOwned + MaxSize {
 }
 
 /// Encodes `message` with its envelope into `buf`, returning the used prefix.
-pub fn encode<'a, M: Message>(
-    message: &M,
-    buf: &'a mut [u8],
-) -> Result<&'a mut [u8], ProtocolError> {
+pub fn encode<'a, M: Message>(message: &M, buf: &'a mut [u8]) -> Result<&'a mut [u8], ProtocolError> {
     let (header, body) = buf
         .split_at_mut_checked(HEADER_LEN)
         .ok_or(ProtocolError::EncodeBufferFull)?;
@@ -233,11 +244,7 @@ fn decode_body<M: Message>(body: &[u8]) -> Result<M, ProtocolError> {
 }
 
 fn check(condition: bool) -> Result<(), ProtocolError> {
-    if condition {
-        Ok(())
-    } else {
-        Err(ProtocolError::ValueOutOfRange)
-    }
+    if condition { Ok(()) } else { Err(ProtocolError::ValueOutOfRange) }
 }
 
 /// Seconds since 1970-01-01T00:00:00Z (UTC), as kept by the trap's RTC.
@@ -704,9 +711,7 @@ pub enum Chip {
 }
 
 /// A firmware version, compared lexicographically (major, minor, patch).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, MaxSize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, MaxSize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct FirmwareVersion {
     /// Incompatible changes.
@@ -749,5 +754,129 @@ impl Message for SealedCredentials {
     const KIND: MessageKind = MessageKind::Credentials;
     fn validate(&self) -> Result<(), ProtocolError> {
         check(self.frame.len() >= crate::seal::SEAL_OVERHEAD)
+    }
+}
+
+pub use crate::ota::{
+    Chunk as OtaChunk, ChunkRequest as OtaChunkRequest, OtaOffer, OtaProgress, OtaResult,
+};
+
+impl Message for OtaOffer {
+    const KIND: MessageKind = MessageKind::OtaOffer;
+}
+
+impl Message for OtaChunk {
+    const KIND: MessageKind = MessageKind::OtaChunk;
+}
+
+impl Message for OtaChunkRequest {
+    const KIND: MessageKind = MessageKind::OtaChunkRequest;
+    fn validate(&self) -> Result<(), ProtocolError> {
+        check(usize::from(self.len) <= crate::ota::OTA_CHUNK_LEN_MAX)
+    }
+}
+
+impl Message for OtaProgress {
+    const KIND: MessageKind = MessageKind::OtaProgress;
+}
+
+impl Message for OtaResult {
+    const KIND: MessageKind = MessageKind::OtaResult;
+}
+
+impl MessageKind {
+    /// Whether this kind may arrive on a device topic with this direction and
+    /// last level: a receiver refuses a message published on the wrong topic.
+    pub fn fits_device_topic(self, direction: Direction, suffix: &str) -> bool {
+        matches!(self.route(), Route::Device(d, s) if d == direction && s == suffix)
+    }
+}
+
+macro_rules! message_set {
+    ($(#[$doc:meta])* $set:ident { $( $variant:ident($ty:ty), )* }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        #[cfg_attr(feature = "defmt", derive(defmt::Format))]
+        #[allow(clippy::large_enum_variant)] // Decoded on the stack once, then matched.
+        pub enum $set {
+            $(
+                #[doc = concat!("A [`", stringify!($ty), "`].")]
+                $variant($ty),
+            )*
+        }
+
+        impl $set {
+            /// Decodes any message of this set, refusing other kinds.
+            pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+                let (kind, body) = split_envelope(bytes)?;
+                match kind {
+                    $( MessageKind::$variant => decode_body::<$ty>(body).map(Self::$variant), )*
+                    _ => Err(ProtocolError::KindUnexpected),
+                }
+            }
+
+            /// Encodes the message with its envelope.
+            pub fn encode<'a>(&self, buf: &'a mut [u8]) -> Result<&'a mut [u8], ProtocolError> {
+                match self {
+                    $( Self::$variant(message) => encode(message, buf), )*
+                }
+            }
+
+            /// The message's kind.
+            pub fn kind(&self) -> MessageKind {
+                match self {
+                    $( Self::$variant(_) => MessageKind::$variant, )*
+                }
+            }
+
+            /// The longest envelope of any message in this set.
+            pub const ENCODED_LEN_MAX: usize = {
+                let mut max = 0;
+                $( if <$ty as Message>::ENCODED_LEN_MAX > max { max = <$ty as Message>::ENCODED_LEN_MAX; } )*
+                max
+            };
+        }
+    };
+}
+
+message_set! {
+    /// Any message a device publishes on its own uplink topics.
+    Uplink {
+        Hello(Hello),
+        Detection(Detection),
+        Health(Health),
+        ReportedConfig(ReportedConfig),
+        CommandResult(CommandResult),
+        OtaChunkRequest(OtaChunkRequest),
+        OtaProgress(OtaProgress),
+        OtaResult(OtaResult),
+    }
+}
+
+message_set! {
+    /// Any message the server publishes on a device's downlink topics.
+    Downlink {
+        Ack(Ack),
+        DesiredConfig(DesiredConfig),
+        Command(Command),
+        OtaOffer(OtaOffer),
+        OtaChunk(OtaChunk),
+    }
+}
+
+message_set! {
+    /// Any message a device publishes on its provisioning topic.
+    ProvisionUp {
+        ClaimRequest(ClaimRequest),
+        ClaimProof(ClaimProof),
+    }
+}
+
+message_set! {
+    /// Any message the server publishes on a provisioning topic.
+    ProvisionDown {
+        ClaimChallenge(ClaimChallenge),
+        Credentials(SealedCredentials),
+        ClaimRejected(ClaimRejected),
     }
 }

@@ -101,9 +101,7 @@ use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, SharedSecret, StaticSecret};
 use zeroize::Zeroize;
 
-use crate::seal::{
-    self, ReplayWindow, SEAL_OVERHEAD, SESSION_KEY_LEN, SealError, Sealer, SessionKey,
-};
+use crate::seal::{self, ReplayWindow, SEAL_OVERHEAD, SESSION_KEY_LEN, SealError, Sealer, SessionKey};
 use crate::topic::{DeviceId, Direction, SessionId};
 
 /// Longest claim token, in bytes.
@@ -273,11 +271,7 @@ impl fmt::Debug for Credentials {
 #[cfg(feature = "defmt")]
 impl defmt::Format for Credentials {
     fn format(&self, f: defmt::Formatter) {
-        defmt::write!(
-            f,
-            "Credentials {{ device_id: {}, mqtt_password: .. }}",
-            self.device_id
-        )
+        defmt::write!(f, "Credentials {{ device_id: {}, mqtt_password: .. }}", self.device_id)
     }
 }
 
@@ -399,11 +393,7 @@ impl fmt::Debug for ServerIdentity {
     }
 }
 
-fn challenge_digest(
-    nonce: &[u8; 32],
-    server_agreement_key: &[u8; 32],
-    identity_key: &[u8; 32],
-) -> [u8; 32] {
+fn challenge_digest(nonce: &[u8; 32], server_agreement_key: &[u8; 32], identity_key: &[u8; 32]) -> [u8; 32] {
     Sha256::new()
         .chain_update(CHALLENGE_DOMAIN)
         .chain_update(nonce)
@@ -440,12 +430,8 @@ impl Transcript<'_> {
             return Err(ProvisionError::KeyAgreementWeak);
         }
         let hkdf = Hkdf::<Sha256>::new(Some(self.nonce), shared.as_bytes());
-        let info: [&[u8]; 4] = [
-            SESSION_KEY_INFO,
-            self.identity_key,
-            self.agreement_key,
-            self.server_agreement_key,
-        ];
+        let info: [&[u8]; 4] =
+            [SESSION_KEY_INFO, self.identity_key, self.agreement_key, self.server_agreement_key];
         expand_key(&hkdf, &info)
     }
 }
@@ -462,10 +448,7 @@ fn expand_key(hkdf: &Hkdf<Sha256>, info: &[&[u8]]) -> Result<SessionKey, Provisi
 }
 
 /// The key sealing the credentials frame, derived from the session key.
-fn credentials_key(
-    session_key: &SessionKey,
-    session: &SessionId,
-) -> Result<SessionKey, ProvisionError> {
+fn credentials_key(session_key: &SessionKey, session: &SessionId) -> Result<SessionKey, ProvisionError> {
     let hkdf = Hkdf::<Sha256>::new(None, session_key.as_bytes());
     expand_key(&hkdf, &[CREDENTIALS_KEY_INFO, session.as_str().as_bytes()])
 }
@@ -543,21 +526,12 @@ impl Provisioner {
         let mut random = agreement_secret_random;
         let secret = StaticSecret::from(random);
         random.zeroize();
-        Self {
-            identity,
-            claim,
-            session,
-            server_identity,
-            state: State::AwaitingChallenge(secret),
-        }
+        Self { identity, claim, session, server_identity, state: State::AwaitingChallenge(secret) }
     }
 
     /// The request to publish on `wc/v1/prov/{session}/up` (may be resent).
     pub fn request(&self) -> ClaimRequest {
-        ClaimRequest {
-            claim: self.claim.clone(),
-            identity_key: self.identity.public_key(),
-        }
+        ClaimRequest { claim: self.claim.clone(), identity_key: self.identity.public_key() }
     }
 
     /// The provisioning session id (topic and seal context).
@@ -584,10 +558,7 @@ impl Provisioner {
 
     /// Verifies the challenge (when a server key is pinned), agrees the
     /// session key and returns the proof to publish.
-    pub fn on_challenge(
-        &mut self,
-        challenge: &ClaimChallenge,
-    ) -> Result<ClaimProof, ProvisionError> {
+    pub fn on_challenge(&mut self, challenge: &ClaimChallenge) -> Result<ClaimProof, ProvisionError> {
         let State::AwaitingChallenge(secret) = &self.state else {
             return Err(self.unexpected());
         };
@@ -604,10 +575,7 @@ impl Provisioner {
         let key = transcript.session_key(&shared)?;
         let signature = self.identity.0.sign(&transcript.proof_digest(&self.claim));
         self.state = State::AwaitingCredentials(key);
-        Ok(ClaimProof {
-            agreement_key,
-            signature,
-        })
+        Ok(ClaimProof { agreement_key, signature })
     }
 
     fn verify_server(
@@ -618,13 +586,8 @@ impl Provisioner {
         let Some(pinned) = &self.server_identity else {
             return Ok(());
         };
-        let server =
-            VerifyingKey::from_bytes(pinned).map_err(|_| ProvisionError::ServerKeyInvalid)?;
-        let digest = challenge_digest(
-            &challenge.nonce,
-            &challenge.server_agreement_key,
-            identity_key,
-        );
+        let server = VerifyingKey::from_bytes(pinned).map_err(|_| ProvisionError::ServerKeyInvalid)?;
+        let digest = challenge_digest(&challenge.nonce, &challenge.server_agreement_key, identity_key);
         let signature = Signature::from_bytes(&challenge.server_signature.0);
         server
             .verify_strict(&digest, &signature)
@@ -649,10 +612,7 @@ impl Provisioner {
 
     /// Records a rejection and returns its reason. The message is
     /// unauthenticated: retry later with a new session rather than giving up.
-    pub fn on_rejected(
-        &mut self,
-        rejected: &ClaimRejected,
-    ) -> Result<ClaimRejectReason, ProvisionError> {
+    pub fn on_rejected(&mut self, rejected: &ClaimRejected) -> Result<ClaimRejectReason, ProvisionError> {
         match self.state {
             State::AwaitingChallenge(_) | State::AwaitingCredentials(_) => {
                 self.state = State::Rejected;
@@ -682,13 +642,7 @@ fn open_credentials(
     let credentials_key = credentials_key(key, session)?;
     let mut window = ReplayWindow::new();
     let context = session.as_str().as_bytes();
-    let decoded = match seal::open_with(
-        &mut window,
-        &credentials_key,
-        Direction::Down,
-        context,
-        frame,
-    ) {
+    let decoded = match seal::open_with(&mut window, &credentials_key, Direction::Down, context, frame) {
         Ok(plaintext) => decode_exact(plaintext),
         Err(_) => return Err(ProvisionError::CredentialsUnauthentic),
     };
@@ -730,17 +684,9 @@ impl ServerChallenge {
         random.zeroize();
         let server_agreement_key = PublicKey::from(&secret).to_bytes();
         let digest = challenge_digest(&nonce, &server_agreement_key, &identity_key);
-        let challenge = ClaimChallenge {
-            nonce,
-            server_agreement_key,
-            server_signature: server.0.sign(&digest),
-        };
-        let pending = PendingClaim {
-            nonce,
-            secret,
-            server_agreement_key,
-            identity_key,
-        };
+        let challenge =
+            ClaimChallenge { nonce, server_agreement_key, server_signature: server.0.sign(&digest) };
+        let pending = PendingClaim { nonce, secret, server_agreement_key, identity_key };
         Self { challenge, pending }
     }
 
@@ -773,13 +719,9 @@ impl PendingClaim {
 
     /// Verifies the device's proof for `claim_token` (the token from its
     /// request) and derives the session key.
-    pub fn verify(
-        self,
-        claim_token: &str,
-        proof: &ClaimProof,
-    ) -> Result<SessionKey, ProvisionError> {
-        let device = VerifyingKey::from_bytes(&self.identity_key)
-            .map_err(|_| ProvisionError::IdentityKeyInvalid)?;
+    pub fn verify(self, claim_token: &str, proof: &ClaimProof) -> Result<SessionKey, ProvisionError> {
+        let device =
+            VerifyingKey::from_bytes(&self.identity_key).map_err(|_| ProvisionError::IdentityKeyInvalid)?;
         let transcript = Transcript {
             nonce: &self.nonce,
             server_agreement_key: &self.server_agreement_key,
@@ -900,10 +842,7 @@ mod tests {
             let (mut device, server_key) = claimed(pinned);
             assert_eq!(device.state(), ProvisionState::AwaitingCredentials);
             let mut frame = sealed_credentials(&server_key);
-            assert!(
-                !frame.windows(9).any(|w| w == b"s3cret-pw"),
-                "password sealed"
-            );
+            assert!(!frame.windows(9).any(|w| w == b"s3cret-pw"), "password sealed");
             let provisioned = device.on_credentials(&mut frame).unwrap();
             assert_eq!(provisioned.session_key.as_bytes(), server_key.as_bytes());
             assert_eq!(provisioned.device_id.as_str(), "trap-0042");
@@ -917,17 +856,11 @@ mod tests {
     #[test]
     fn session_key_depends_on_every_random_input() {
         let (_, base) = claimed(None);
-        let mut device = Provisioner::new(
-            DeviceIdentity::from_seed(DEVICE_SEED),
-            token(TOKEN),
-            session(),
-            [9; 32],
-            None,
-        );
+        let mut device =
+            Provisioner::new(DeviceIdentity::from_seed(DEVICE_SEED), token(TOKEN), session(), [9; 32], None);
         let request = device.request();
         let (challenge, pending) =
-            ServerChallenge::new(&server(), [8; 32], SERVER_SECRET, request.identity_key)
-                .into_parts();
+            ServerChallenge::new(&server(), [8; 32], SERVER_SECRET, request.identity_key).into_parts();
         let proof = device.on_challenge(&challenge).unwrap();
         let other = pending.verify(TOKEN, &proof).unwrap();
         assert_ne!(base.as_bytes(), other.as_bytes());
@@ -939,13 +872,8 @@ mod tests {
         let mut frame = sealed_credentials(&key);
         let mut window = ReplayWindow::new();
         let session = session();
-        let opened = seal::open_with(
-            &mut window,
-            &key,
-            Direction::Down,
-            session.as_str().as_bytes(),
-            &mut frame,
-        );
+        let opened =
+            seal::open_with(&mut window, &key, Direction::Down, session.as_str().as_bytes(), &mut frame);
         assert_eq!(opened, Err(seal::OpenError::Authentication));
     }
 
@@ -956,10 +884,7 @@ mod tests {
         let identity = DeviceIdentity::from_seed([0x66; 32]);
         let mut attacker = Provisioner::new(identity, token(TOKEN), session(), DEVICE_SECRET, None);
         let proof = attacker.on_challenge(&challenge).unwrap();
-        assert_eq!(
-            pending.verify(TOKEN, &proof).map(|_| ()),
-            Err(ProvisionError::ProofInvalid)
-        );
+        assert_eq!(pending.verify(TOKEN, &proof).map(|_| ()), Err(ProvisionError::ProofInvalid));
     }
 
     #[test]
@@ -967,10 +892,7 @@ mod tests {
         let mut device = device(None);
         let (challenge, pending) = challenge_for(&device.request());
         let proof = device.on_challenge(&challenge).unwrap();
-        assert_eq!(
-            pending.verify("claim-other", &proof).map(|_| ()),
-            Err(ProvisionError::ProofInvalid)
-        );
+        assert_eq!(pending.verify("claim-other", &proof).map(|_| ()), Err(ProvisionError::ProofInvalid));
     }
 
     #[test]
@@ -984,10 +906,7 @@ mod tests {
         bad_agreement.agreement_key[0] ^= 1;
         for forged in [bad_signature, bad_agreement] {
             let (_, pending) = challenge_for(&request);
-            assert_eq!(
-                pending.verify(TOKEN, &forged).map(|_| ()),
-                Err(ProvisionError::ProofInvalid)
-            );
+            assert_eq!(pending.verify(TOKEN, &forged).map(|_| ()), Err(ProvisionError::ProofInvalid));
         }
     }
 
@@ -997,26 +916,16 @@ mod tests {
             .map(|b| [b; 32])
             .find(|bytes| VerifyingKey::from_bytes(bytes).is_err())
             .unwrap();
-        let (_, pending) =
-            ServerChallenge::new(&server(), NONCE, SERVER_SECRET, not_a_point).into_parts();
-        let proof = ClaimProof {
-            agreement_key: [9; 32],
-            signature: Signature64([0; 64]),
-        };
-        assert_eq!(
-            pending.verify(TOKEN, &proof).map(|_| ()),
-            Err(ProvisionError::IdentityKeyInvalid)
-        );
+        let (_, pending) = ServerChallenge::new(&server(), NONCE, SERVER_SECRET, not_a_point).into_parts();
+        let proof = ClaimProof { agreement_key: [9; 32], signature: Signature64([0; 64]) };
+        assert_eq!(pending.verify(TOKEN, &proof).map(|_| ()), Err(ProvisionError::IdentityKeyInvalid));
     }
 
     #[test]
     fn pinned_server_signature_mismatch_is_refused() {
         let mut device = device(Some(ServerIdentity::from_seed([0x77; 32]).public_key()));
         let (challenge, _) = challenge_for(&device.request());
-        assert_eq!(
-            device.on_challenge(&challenge),
-            Err(ProvisionError::ServerSignatureInvalid)
-        );
+        assert_eq!(device.on_challenge(&challenge), Err(ProvisionError::ServerSignatureInvalid));
         assert_eq!(device.state(), ProvisionState::AwaitingChallenge);
     }
 
@@ -1025,15 +934,11 @@ mod tests {
         let mut device = device(Some(server().public_key()));
         let (challenge, pending) = challenge_for(&device.request());
         let mut swapped_key = challenge.clone();
-        swapped_key.server_agreement_key =
-            PublicKey::from(&StaticSecret::from([0x55; 32])).to_bytes();
+        swapped_key.server_agreement_key = PublicKey::from(&StaticSecret::from([0x55; 32])).to_bytes();
         let mut other_nonce = challenge.clone();
         other_nonce.nonce[31] ^= 1;
         for forged in [swapped_key, other_nonce] {
-            assert_eq!(
-                device.on_challenge(&forged),
-                Err(ProvisionError::ServerSignatureInvalid)
-            );
+            assert_eq!(device.on_challenge(&forged), Err(ProvisionError::ServerSignatureInvalid));
         }
         let proof = device.on_challenge(&challenge).unwrap();
         assert!(pending.verify(TOKEN, &proof).is_ok());
@@ -1047,10 +952,7 @@ mod tests {
             .unwrap();
         let mut device = device(Some(not_a_point));
         let (challenge, _) = challenge_for(&device.request());
-        assert_eq!(
-            device.on_challenge(&challenge),
-            Err(ProvisionError::ServerKeyInvalid)
-        );
+        assert_eq!(device.on_challenge(&challenge), Err(ProvisionError::ServerKeyInvalid));
     }
 
     #[test]
@@ -1058,10 +960,7 @@ mod tests {
         let mut device = device(None);
         let (mut challenge, _) = challenge_for(&device.request());
         challenge.server_agreement_key = [0; 32];
-        assert_eq!(
-            device.on_challenge(&challenge),
-            Err(ProvisionError::KeyAgreementWeak)
-        );
+        assert_eq!(device.on_challenge(&challenge), Err(ProvisionError::KeyAgreementWeak));
         assert_eq!(device.state(), ProvisionState::AwaitingChallenge);
     }
 
@@ -1069,27 +968,16 @@ mod tests {
     fn out_of_order_calls_are_refused() {
         let mut device = device(None);
         let mut frame = [0u8; 64];
-        assert_eq!(
-            device.on_credentials(&mut frame).map(|_| ()),
-            Err(ProvisionError::OutOfOrder)
-        );
+        assert_eq!(device.on_credentials(&mut frame).map(|_| ()), Err(ProvisionError::OutOfOrder));
         let (challenge, pending) = challenge_for(&device.request());
         let proof = device.on_challenge(&challenge).unwrap();
-        assert_eq!(
-            device.on_challenge(&challenge),
-            Err(ProvisionError::OutOfOrder)
-        );
+        assert_eq!(device.on_challenge(&challenge), Err(ProvisionError::OutOfOrder));
         let key = pending.verify(TOKEN, &proof).unwrap();
         device
             .on_credentials(&mut sealed_credentials(&key))
             .unwrap();
-        let rejected = ClaimRejected {
-            reason: ClaimRejectReason::Internal,
-        };
-        assert_eq!(
-            device.on_challenge(&challenge),
-            Err(ProvisionError::Finished)
-        );
+        let rejected = ClaimRejected { reason: ClaimRejectReason::Internal };
+        assert_eq!(device.on_challenge(&challenge), Err(ProvisionError::Finished));
         assert_eq!(
             device
                 .on_credentials(&mut sealed_credentials(&key))
@@ -1103,18 +991,10 @@ mod tests {
     fn rejection_ends_the_attempt() {
         let mut device = device(None);
         let (challenge, _) = challenge_for(&device.request());
-        let rejected = ClaimRejected {
-            reason: ClaimRejectReason::TokenExpired,
-        };
-        assert_eq!(
-            device.on_rejected(&rejected),
-            Ok(ClaimRejectReason::TokenExpired)
-        );
+        let rejected = ClaimRejected { reason: ClaimRejectReason::TokenExpired };
+        assert_eq!(device.on_rejected(&rejected), Ok(ClaimRejectReason::TokenExpired));
         assert_eq!(device.state(), ProvisionState::Rejected);
-        assert_eq!(
-            device.on_challenge(&challenge),
-            Err(ProvisionError::Finished)
-        );
+        assert_eq!(device.on_challenge(&challenge), Err(ProvisionError::Finished));
     }
 
     #[test]
@@ -1125,10 +1005,7 @@ mod tests {
         let other = SessionId::from_random([0; 8]);
         let len = seal_credentials(&key, &other, &credentials(), &mut other_session).unwrap();
         for frame in [&mut wrong_key[..], &mut other_session[..len]] {
-            assert_eq!(
-                device.on_credentials(frame).map(|_| ()),
-                Err(ProvisionError::CredentialsUnauthentic)
-            );
+            assert_eq!(device.on_credentials(frame).map(|_| ()), Err(ProvisionError::CredentialsUnauthentic));
         }
         let mut garbage = [0u8; 64];
         let mut sealer = Sealer::new(credentials_key(&key, &session()).unwrap(), Direction::Down);
@@ -1172,10 +1049,7 @@ mod tests {
     fn messages_round_trip_within_their_max_size() {
         let mut device = device(None);
         let long = "t".repeat(CLAIM_TOKEN_LEN_MAX);
-        let request = ClaimRequest {
-            claim: token(&long),
-            identity_key: device.request().identity_key,
-        };
+        let request = ClaimRequest { claim: token(&long), identity_key: device.request().identity_key };
         let (challenge, _) = challenge_for(&request);
         let proof = device.on_challenge(&challenge).unwrap();
         assert_postcard_round_trip(&request, true);
@@ -1186,12 +1060,7 @@ mod tests {
             mqtt_password: MqttPassword::try_from("p".repeat(64).as_str()).unwrap(),
         };
         assert_postcard_round_trip(&full, true);
-        assert_postcard_round_trip(
-            &ClaimRejected {
-                reason: ClaimRejectReason::RateLimited,
-            },
-            true,
-        );
+        assert_postcard_round_trip(&ClaimRejected { reason: ClaimRejectReason::RateLimited }, true);
         let json = serde_json::to_string(&proof).unwrap();
         assert_eq!(serde_json::from_str::<ClaimProof>(&json).unwrap(), proof);
         assert!(postcard::from_bytes::<ClaimProof>(&[0u8; 95]).is_err());

@@ -197,20 +197,7 @@ fn header(direction: Direction, counter: u32) -> [u8; HEADER_LEN] {
 
 fn nonce(direction: Direction, counter: u32) -> [u8; NONCE_LEN] {
     let [c0, c1, c2, c3] = counter.to_be_bytes();
-    [
-        direction_byte(direction),
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        c0,
-        c1,
-        c2,
-        c3,
-    ]
+    [direction_byte(direction), 0, 0, 0, 0, 0, 0, 0, c0, c1, c2, c3]
 }
 
 /// Header followed by context, without allocation.
@@ -270,12 +257,7 @@ impl Sealer {
     /// reused; at most one block of counters is skipped.
     pub fn resume(key: SessionKey, direction: Direction, persisted_reservation: u32) -> Self {
         let next = persisted_reservation.max(1);
-        Self {
-            key,
-            direction,
-            next,
-            reserved_until: next,
-        }
+        Self { key, direction, next, reserved_until: next }
     }
 
     /// The counter the next frame will carry.
@@ -295,12 +277,7 @@ impl Sealer {
     /// publishing the frame; if that fails, drop the frame and this sealer and
     /// resume from the last value that was stored. On error nothing is
     /// consumed.
-    pub fn seal(
-        &mut self,
-        context: &[u8],
-        plaintext: &[u8],
-        out: &mut [u8],
-    ) -> Result<Sealed, SealError> {
+    pub fn seal(&mut self, context: &[u8], plaintext: &[u8], out: &mut [u8]) -> Result<Sealed, SealError> {
         let counter = self.next;
         if counter == u32::MAX {
             return Err(SealError::CounterExhausted);
@@ -312,10 +289,7 @@ impl Sealer {
         if let Some(reserved) = reservation {
             self.reserved_until = reserved;
         }
-        Ok(Sealed {
-            len,
-            persist_reservation: reservation,
-        })
+        Ok(Sealed { len, persist_reservation: reservation })
     }
 }
 
@@ -355,11 +329,7 @@ fn seal_frame(
     body.copy_from_slice(plaintext);
     let tag = key
         .cipher()
-        .encrypt_in_place_detached(
-            &Nonce::from(nonce(direction, counter)),
-            aad.as_slice(),
-            body,
-        )
+        .encrypt_in_place_detached(&Nonce::from(nonce(direction, counter)), aad.as_slice(), body)
         .map_err(|_| SealError::PlaintextTooLong)?;
     tag_out.copy_from_slice(&tag);
     Ok(len)
@@ -380,23 +350,13 @@ pub struct ReplayWindow {
 impl ReplayWindow {
     /// A window that has seen nothing.
     pub const fn new() -> Self {
-        Self {
-            highest: 0,
-            bitmap: 0,
-        }
+        Self { highest: 0, bitmap: 0 }
     }
 
     /// Restores a window exported with [`highest`](Self::highest) and
     /// [`bitmap`](Self::bitmap). The `highest` counter always counts as seen.
     pub const fn from_parts(highest: u32, bitmap: u64) -> Self {
-        if highest == 0 {
-            Self::new()
-        } else {
-            Self {
-                highest,
-                bitmap: bitmap | 1,
-            }
-        }
+        if highest == 0 { Self::new() } else { Self { highest, bitmap: bitmap | 1 } }
     }
 
     /// The highest counter accepted so far (0 if none).
@@ -458,11 +418,7 @@ impl Opener {
 
     /// An opener continuing from a persisted replay window.
     pub fn resume(key: SessionKey, direction: Direction, window: ReplayWindow) -> Self {
-        Self {
-            key,
-            direction,
-            window,
-        }
+        Self { key, direction, window }
     }
 
     /// The current replay window, for persisting.
@@ -560,10 +516,7 @@ mod tests {
         let frame = sealed(&mut sealer, b"trap-1", b"hello");
         assert_eq!(frame.len(), 5 + SEAL_OVERHEAD);
         assert_eq!(frame[..6], [PROTOCOL_VERSION, 1, 1, 0, 0, 0]);
-        assert_eq!(
-            nonce(Direction::Down, 0x0102_0304),
-            [1, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4]
-        );
+        assert_eq!(nonce(Direction::Down, 0x0102_0304), [1, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4]);
         assert_eq!(frame_counter(&frame), Some(1));
     }
 
@@ -583,25 +536,16 @@ mod tests {
             );
         }
         let next = sealer.seal(b"", b"x", &mut out).unwrap();
-        assert_eq!(
-            next.persist_reservation,
-            Some(1 + 2 * COUNTER_RESERVE_BLOCK)
-        );
+        assert_eq!(next.persist_reservation, Some(1 + 2 * COUNTER_RESERVE_BLOCK));
     }
 
     #[test]
     fn errors_consume_nothing() {
         let mut sealer = Sealer::new(SessionKey::from_bytes(KEY), Direction::Up);
         let mut small = [0u8; SEAL_OVERHEAD + 2];
-        assert_eq!(
-            sealer.seal(b"", b"abc", &mut small),
-            Err(SealError::BufferTooSmall)
-        );
+        assert_eq!(sealer.seal(b"", b"abc", &mut small), Err(SealError::BufferTooSmall));
         let mut out = [0u8; 64];
-        assert_eq!(
-            sealer.seal(&[0; 65], b"abc", &mut out),
-            Err(SealError::ContextTooLong)
-        );
+        assert_eq!(sealer.seal(&[0; 65], b"abc", &mut out), Err(SealError::ContextTooLong));
         assert_eq!(sealer.next_counter(), 1);
         let ok = sealer.seal(b"", b"abc", &mut out).unwrap();
         assert_eq!(ok.persist_reservation, Some(1 + COUNTER_RESERVE_BLOCK));

@@ -202,15 +202,7 @@ impl SessionId {
 pub fn device_topic(id: &DeviceId, direction: Direction, kind: &str) -> Topic {
     let mut topic = Topic::new();
     // Cannot overflow: ROOT (5) + "/dev/" (5) + id (≤32) + "/down/" (6) + kind (≤8) < 64.
-    for part in [
-        ROOT,
-        "/dev/",
-        id.as_str(),
-        "/",
-        direction.segment(),
-        "/",
-        kind,
-    ] {
+    for part in [ROOT, "/dev/", id.as_str(), "/", direction.segment(), "/", kind] {
         let _ = topic.push_str(part);
     }
     topic
@@ -269,11 +261,7 @@ pub fn parse_device_topic(topic: &str) -> Result<ParsedDeviceTopic<'_>, TopicErr
     if kind.is_empty() {
         return Err(TopicError::TopicUnknown);
     }
-    Ok(ParsedDeviceTopic {
-        device: DeviceId::new(id)?,
-        direction,
-        kind,
-    })
+    Ok(ParsedDeviceTopic { device: DeviceId::new(id)?, direction, kind })
 }
 
 /// Parses `wc/v1/prov/{session}/{up|down}`.
@@ -297,12 +285,7 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_ids() {
-        for id in [
-            "trap-0001",
-            "A.b_c-9",
-            "x",
-            "0123456789abcdef0123456789abcdef",
-        ] {
+        for id in ["trap-0001", "A.b_c-9", "x", "0123456789abcdef0123456789abcdef"] {
             assert_eq!(DeviceId::new(id).unwrap().as_str(), id);
         }
     }
@@ -333,18 +316,8 @@ mod tests {
         let topic = device_topic(&id, Direction::Up, "det");
         assert_eq!(topic.as_str(), "wc/v1/dev/trap-7/up/det");
         let parsed = parse_device_topic(&topic).unwrap();
-        assert_eq!(
-            parsed,
-            ParsedDeviceTopic {
-                device: id.clone(),
-                direction: Direction::Up,
-                kind: "det"
-            }
-        );
-        assert_eq!(
-            device_downlink_filter(&id).as_str(),
-            "wc/v1/dev/trap-7/down/#"
-        );
+        assert_eq!(parsed, ParsedDeviceTopic { device: id.clone(), direction: Direction::Up, kind: "det" });
+        assert_eq!(device_downlink_filter(&id).as_str(), "wc/v1/dev/trap-7/down/#");
         let longest = DeviceId::new(&"z".repeat(DEVICE_ID_LEN_MAX)).unwrap();
         assert!(device_topic(&longest, Direction::Down, "health").ends_with("/down/health"));
     }

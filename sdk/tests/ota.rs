@@ -5,25 +5,16 @@ use ed25519_dalek::{Signer, SigningKey};
 use proptest::prelude::*;
 use sha2::{Digest, Sha256};
 use wildcam_sdk::ota::{
-    BootAction, BootedImage, Chunk, ChunkRequest, MANIFEST_SIGNING_LEN_MAX, Manifest,
-    ManifestSignature, MemorySlot, OTA_RECORD_LEN_MAX, OtaActions, OtaConfig, OtaError, OtaMachine,
-    OtaOffer, OtaOutcome, OtaPhase, OtaRecord, OtaResult, OtaSlot, OtaStateKind, Persist,
-    SignedManifest,
+    BootAction, BootedImage, Chunk, ChunkRequest, MANIFEST_SIGNING_LEN_MAX, Manifest, ManifestSignature,
+    MemorySlot, OTA_RECORD_LEN_MAX, OtaActions, OtaConfig, OtaError, OtaMachine, OtaOffer, OtaOutcome,
+    OtaPhase, OtaRecord, OtaResult, OtaSlot, OtaStateKind, Persist, SignedManifest,
 };
 use wildcam_sdk::protocol::{Chip, FirmwareVersion};
 
 const SEED: [u8; 32] = [0x5e; 32];
 const SLOT_LEN: usize = 16 * 1024;
-const OLD: FirmwareVersion = FirmwareVersion {
-    major: 1,
-    minor: 4,
-    patch: 2,
-};
-const NEW: FirmwareVersion = FirmwareVersion {
-    major: 1,
-    minor: 5,
-    patch: 0,
-};
+const OLD: FirmwareVersion = FirmwareVersion { major: 1, minor: 4, patch: 2 };
+const NEW: FirmwareVersion = FirmwareVersion { major: 1, minor: 5, patch: 0 };
 const SECURE_VERSION: u32 = 3;
 const BATTERY_OK: u16 = 3900;
 
@@ -62,10 +53,7 @@ fn manifest_for(image: &[u8]) -> Manifest {
 fn sign_with(key: &SigningKey, manifest: Manifest) -> SignedManifest {
     let mut buf = [0u8; MANIFEST_SIGNING_LEN_MAX];
     let signature = key.sign(manifest.signing_bytes(&mut buf).unwrap());
-    SignedManifest {
-        manifest,
-        signature: ManifestSignature(signature.to_bytes()),
-    }
+    SignedManifest { manifest, signature: ManifestSignature(signature.to_bytes()) }
 }
 
 fn sign(manifest: Manifest) -> SignedManifest {
@@ -86,14 +74,7 @@ struct Server {
 impl Server {
     fn new(rollout_id: u32, image: Vec<u8>, chunk_len: u16) -> Self {
         let manifest = sign(manifest_for(&image));
-        Self {
-            image,
-            offer: OtaOffer {
-                rollout_id,
-                manifest,
-                chunk_len,
-            },
-        }
+        Self { image, offer: OtaOffer { rollout_id, manifest, chunk_len } }
     }
 
     fn with_manifest(mut self, manifest: SignedManifest) -> Self {
@@ -110,11 +91,7 @@ impl Server {
 }
 
 fn chunk(rollout_id: u32, offset: u32, bytes: &[u8]) -> Chunk {
-    Chunk {
-        rollout_id,
-        offset,
-        data: heapless::Vec::from_slice(bytes).unwrap(),
-    }
+    Chunk { rollout_id, offset, data: heapless::Vec::from_slice(bytes).unwrap() }
 }
 
 /// esp-idf style image state of the updated slot.
@@ -182,11 +159,7 @@ impl Device {
     }
 
     fn current_config(&self) -> OtaConfig {
-        let running = if self.running_update() {
-            self.update_version
-        } else {
-            OLD
-        };
+        let running = if self.running_update() { self.update_version } else { OLD };
         config(running, self.secure_version)
     }
 
@@ -300,10 +273,7 @@ impl Device {
         let manifest = &self.machine.record().unwrap().manifest.manifest;
         let size = manifest.image_size as usize;
         let digest: [u8; 32] = Sha256::digest(&self.slot.contents()[..size]).into();
-        assert_eq!(
-            digest, manifest.image_sha256,
-            "ready to reboot with a bad image"
-        );
+        assert_eq!(digest, manifest.image_sha256, "ready to reboot with a bad image");
     }
 
     /// Power comes back (or the device resets): the bootloader picks an
@@ -319,13 +289,8 @@ impl Device {
             Some(ImageState::PendingVerify) => None,
             other => other,
         };
-        let booted = if self.running_update() {
-            BootedImage::Updated
-        } else {
-            BootedImage::Previous
-        };
-        let (machine, actions) =
-            OtaMachine::resume(self.current_config(), self.stored_record(), booted);
+        let booted = if self.running_update() { BootedImage::Updated } else { BootedImage::Previous };
+        let (machine, actions) = OtaMachine::resume(self.current_config(), self.stored_record(), booted);
         self.machine = machine;
         assert_eq!(actions.send_result, None);
         assert_eq!(actions.send_request, None);
@@ -333,11 +298,8 @@ impl Device {
     }
 
     fn run_self_test(&mut self) {
-        let actions = if self.self_test_passes {
-            self.machine.confirm()
-        } else {
-            self.machine.self_test_failed()
-        };
+        let actions =
+            if self.self_test_passes { self.machine.confirm() } else { self.machine.self_test_failed() };
         self.execute(actions.unwrap());
     }
 
@@ -381,9 +343,7 @@ impl Device {
                 OtaStateKind::Downloading => {
                     let _ = self.serve(server);
                 }
-                OtaStateKind::Confirmed | OtaStateKind::RolledBack | OtaStateKind::Failed => {
-                    self.connect()
-                }
+                OtaStateKind::Confirmed | OtaStateKind::RolledBack | OtaStateKind::Failed => self.connect(),
                 other => panic!("stuck in {other:?}"),
             }
         }
@@ -406,31 +366,18 @@ fn happy_path_end_to_end() {
     device.auto_reboot = false;
     device.offer(&server.offer, BATTERY_OK);
     assert_eq!(device.machine.state(), OtaStateKind::Downloading);
-    assert_eq!(
-        device.request,
-        Some(ChunkRequest {
-            rollout_id: 7,
-            offset: 0,
-            len: 512
-        })
-    );
+    assert_eq!(device.request, Some(ChunkRequest { rollout_id: 7, offset: 0, len: 512 }));
     let mut offsets = Vec::new();
     while device.machine.state() == OtaStateKind::Downloading {
         offsets.push(device.request.unwrap().offset);
         let progress = device.machine.progress().unwrap();
         assert_eq!(progress.offset, *offsets.last().unwrap());
         device.serve(&server).unwrap();
-        assert_eq!(
-            device.stored_record().unwrap().offset,
-            device.machine.record().unwrap().offset
-        );
+        assert_eq!(device.stored_record().unwrap().offset, device.machine.record().unwrap().offset);
     }
     assert_eq!(offsets, (0..10).map(|i| i * 512).collect::<Vec<_>>());
     assert_eq!(device.machine.state(), OtaStateKind::ReadyToReboot);
-    assert_eq!(
-        device.stored_record().unwrap().phase,
-        OtaPhase::ReadyToReboot
-    );
+    assert_eq!(device.stored_record().unwrap().phase, OtaPhase::ReadyToReboot);
     assert_eq!(device.activations, 0);
 
     let actions = device.machine.reboot_into_update().unwrap();
@@ -456,11 +403,7 @@ fn happy_path_end_to_end() {
     assert_eq!(device.secure_version, SECURE_VERSION + 1);
     assert_eq!(
         device.results,
-        vec![OtaResult {
-            rollout_id: 7,
-            version: NEW,
-            outcome: OtaOutcome::Confirmed
-        }]
+        vec![OtaResult { rollout_id: 7, version: NEW, outcome: OtaOutcome::Confirmed }]
     );
     assert_eq!(device.machine.state(), OtaStateKind::Confirmed);
     device.acknowledge();
@@ -521,18 +464,9 @@ fn refused(device: &mut Device, offer: &OtaOffer, battery_mv: u16, outcome: OtaO
     let state = device.machine.state();
     let mutations = device.slot.mutations();
     let actions = device.machine.on_offer(offer, battery_mv, &mut device.slot);
-    let expected = OtaResult {
-        rollout_id: offer.rollout_id,
-        version: offer.manifest.manifest.version,
-        outcome,
-    };
-    assert_eq!(
-        actions,
-        OtaActions {
-            send_result: Some(expected),
-            ..OtaActions::default()
-        }
-    );
+    let expected =
+        OtaResult { rollout_id: offer.rollout_id, version: offer.manifest.manifest.version, outcome };
+    assert_eq!(actions, OtaActions { send_result: Some(expected), ..OtaActions::default() });
     assert_eq!(device.machine.state(), state);
     assert_eq!(device.slot.mutations(), mutations, "nothing written");
 }
@@ -543,20 +477,10 @@ fn bad_signature_is_refused() {
     let mut device = Device::new();
     let mut offer = server.offer.clone();
     offer.manifest.signature.0[3] ^= 0x20;
-    refused(
-        &mut device,
-        &offer,
-        BATTERY_OK,
-        OtaOutcome::SignatureInvalid,
-    );
+    refused(&mut device, &offer, BATTERY_OK, OtaOutcome::SignatureInvalid);
     let stranger = SigningKey::from_bytes(&[0x11; 32]);
     offer.manifest = sign_with(&stranger, manifest_for(&server.image));
-    refused(
-        &mut device,
-        &offer,
-        BATTERY_OK,
-        OtaOutcome::SignatureInvalid,
-    );
+    refused(&mut device, &offer, BATTERY_OK, OtaOutcome::SignatureInvalid);
 }
 
 #[test]
@@ -574,12 +498,7 @@ fn manifest_tampered_after_signing_is_refused() {
     for change in tamper {
         let mut offer = server.offer.clone();
         change(&mut offer.manifest.manifest);
-        refused(
-            &mut device,
-            &offer,
-            BATTERY_OK,
-            OtaOutcome::SignatureInvalid,
-        );
+        refused(&mut device, &offer, BATTERY_OK, OtaOutcome::SignatureInvalid);
     }
 }
 
@@ -587,92 +506,32 @@ fn manifest_tampered_after_signing_is_refused() {
 fn policy_refusals() {
     let image = image(3000, 4);
     let mut device = Device::new();
-    let offer = |manifest: Manifest| OtaOffer {
-        rollout_id: 9,
-        manifest: sign(manifest),
-        chunk_len: 512,
-    };
+    let offer = |manifest: Manifest| OtaOffer { rollout_id: 9, manifest: sign(manifest), chunk_len: 512 };
 
-    let wrong_chip = Manifest {
-        chip: Chip::Esp32c6,
-        ..manifest_for(&image)
-    };
-    refused(
-        &mut device,
-        &offer(wrong_chip),
-        BATTERY_OK,
-        OtaOutcome::WrongChip,
-    );
+    let wrong_chip = Manifest { chip: Chip::Esp32c6, ..manifest_for(&image) };
+    refused(&mut device, &offer(wrong_chip), BATTERY_OK, OtaOutcome::WrongChip);
 
-    let below_floor = Manifest {
-        secure_version: SECURE_VERSION - 1,
-        ..manifest_for(&image)
-    };
-    refused(
-        &mut device,
-        &offer(below_floor.clone()),
-        BATTERY_OK,
-        OtaOutcome::Downgrade,
-    );
+    let below_floor = Manifest { secure_version: SECURE_VERSION - 1, ..manifest_for(&image) };
+    refused(&mut device, &offer(below_floor.clone()), BATTERY_OK, OtaOutcome::Downgrade);
 
-    let same = Manifest {
-        version: OLD,
-        ..manifest_for(&image)
-    };
-    refused(
-        &mut device,
-        &offer(same.clone()),
-        BATTERY_OK,
-        OtaOutcome::NotNewer,
-    );
-    let older = Manifest {
-        version: FirmwareVersion {
-            major: 1,
-            minor: 4,
-            patch: 1,
-        },
-        ..manifest_for(&image)
-    };
+    let same = Manifest { version: OLD, ..manifest_for(&image) };
+    refused(&mut device, &offer(same.clone()), BATTERY_OK, OtaOutcome::NotNewer);
+    let older =
+        Manifest { version: FirmwareVersion { major: 1, minor: 4, patch: 1 }, ..manifest_for(&image) };
     refused(&mut device, &offer(older), BATTERY_OK, OtaOutcome::NotNewer);
 
-    let too_large = Manifest {
-        image_size: SLOT_LEN as u32 + 1,
-        ..manifest_for(&image)
-    };
-    refused(
-        &mut device,
-        &offer(too_large),
-        BATTERY_OK,
-        OtaOutcome::ImageTooLarge,
-    );
-    let empty = Manifest {
-        image_size: 0,
-        ..manifest_for(&image)
-    };
-    refused(
-        &mut device,
-        &offer(empty),
-        BATTERY_OK,
-        OtaOutcome::SizeMismatch,
-    );
+    let too_large = Manifest { image_size: SLOT_LEN as u32 + 1, ..manifest_for(&image) };
+    refused(&mut device, &offer(too_large), BATTERY_OK, OtaOutcome::ImageTooLarge);
+    let empty = Manifest { image_size: 0, ..manifest_for(&image) };
+    refused(&mut device, &offer(empty), BATTERY_OK, OtaOutcome::SizeMismatch);
 
-    refused(
-        &mut device,
-        &offer(manifest_for(&image)),
-        3299,
-        OtaOutcome::BatteryTooLow,
-    );
+    refused(&mut device, &offer(manifest_for(&image)), 3299, OtaOutcome::BatteryTooLow);
 
     // Allowing "not newer" permits a reinstall but never crosses the floor.
     let mut permissive = config(OLD, SECURE_VERSION);
     permissive.allow_not_newer = true;
     device.machine = OtaMachine::new(permissive);
-    refused(
-        &mut device,
-        &offer(below_floor),
-        BATTERY_OK,
-        OtaOutcome::Downgrade,
-    );
+    refused(&mut device, &offer(below_floor), BATTERY_OK, OtaOutcome::Downgrade);
     device.offer(&offer(same), BATTERY_OK);
     assert_eq!(device.machine.state(), OtaStateKind::Downloading);
 }
@@ -690,8 +549,7 @@ fn battery_recovers_then_update_proceeds() {
 #[test]
 fn server_running_out_of_bytes_is_size_mismatch() {
     let full = image(5000, 5);
-    let server =
-        Server::new(3, full[..4700].to_vec(), 512).with_manifest(sign(manifest_for(&full)));
+    let server = Server::new(3, full[..4700].to_vec(), 512).with_manifest(sign(manifest_for(&full)));
     let mut device = Device::new();
     assert_eq!(device.run(&server), OtaOutcome::SizeMismatch);
     assert_eq!(device.activations, 0);
@@ -707,11 +565,7 @@ fn short_chunks_never_reach_verification_early() {
     while offset < 5000 {
         let end = (offset + 100).min(5000);
         device
-            .deliver(&server.chunk(ChunkRequest {
-                rollout_id: 7,
-                offset,
-                len: (end - offset) as u16,
-            }))
+            .deliver(&server.chunk(ChunkRequest { rollout_id: 7, offset, len: (end - offset) as u16 }))
             .unwrap();
         offset = end;
         if offset < 5000 {
@@ -768,10 +622,7 @@ fn misplaced_chunks_are_refused_without_writing() {
     }
     assert_eq!(device.slot.mutations(), mutations);
     assert_eq!(device.run(&server), OtaOutcome::Confirmed);
-    assert_eq!(
-        device.deliver(&chunk(7, 0, &data)),
-        Err(OtaError::NotDownloading)
-    );
+    assert_eq!(device.deliver(&chunk(7, 0, &data)), Err(OtaError::NotDownloading));
 }
 
 #[test]
@@ -805,14 +656,7 @@ fn new_rollout_supersedes_download() {
     device.serve(&first).unwrap();
     device.offer(&second.offer, BATTERY_OK);
     assert_eq!(device.result_for(7), Some(OtaOutcome::Superseded));
-    assert_eq!(
-        device.request,
-        Some(ChunkRequest {
-            rollout_id: 11,
-            offset: 0,
-            len: 700
-        })
-    );
+    assert_eq!(device.request, Some(ChunkRequest { rollout_id: 11, offset: 0, len: 700 }));
     assert_eq!(device.run(&second), OtaOutcome::Confirmed);
     device.assert_holds(&second.image);
 }
@@ -825,12 +669,7 @@ fn invalid_offer_does_not_disturb_download() {
     device.serve(&server).unwrap();
     let mut forged = Server::new(12, image(100, 10), 512).offer;
     forged.manifest.manifest.image_size = 50;
-    refused(
-        &mut device,
-        &forged,
-        BATTERY_OK,
-        OtaOutcome::SignatureInvalid,
-    );
+    refused(&mut device, &forged, BATTERY_OK, OtaOutcome::SignatureInvalid);
     assert_eq!(device.machine.chunk_request().unwrap().offset, 512);
     assert_eq!(device.run(&server), OtaOutcome::Confirmed);
 }
@@ -903,11 +742,7 @@ fn power_loss_during_verification_restarts_it() {
     for steps in 0..17 {
         let mut device = Device::new();
         device.crash_in_verify = Some(steps);
-        assert_eq!(
-            device.run(&server),
-            OtaOutcome::Confirmed,
-            "crash after {steps} steps"
-        );
+        assert_eq!(device.run(&server), OtaOutcome::Confirmed, "crash after {steps} steps");
         device.assert_holds(&server.image);
     }
 }
@@ -919,20 +754,10 @@ fn torn_write_with_corruption_is_never_accepted() {
         let mut device = Device::new();
         device.slot.inject_corruption(at, 0x01);
         device.slot.inject_power_loss(at + 1);
-        assert_eq!(
-            device.run(&server),
-            OtaOutcome::DigestMismatch,
-            "corrupt write {at}"
-        );
+        assert_eq!(device.run(&server), OtaOutcome::DigestMismatch, "corrupt write {at}");
         assert_eq!(device.activations, 0);
         // The server tries again with a new rollout: clean this time.
-        let retry = Server {
-            offer: OtaOffer {
-                rollout_id: 23,
-                ..server.offer.clone()
-            },
-            ..server.clone()
-        };
+        let retry = Server { offer: OtaOffer { rollout_id: 23, ..server.offer.clone() }, ..server.clone() };
         assert_eq!(device.run(&retry), OtaOutcome::Confirmed);
         device.assert_holds(&retry.image);
     }
@@ -990,15 +815,9 @@ fn unusable_record_is_aborted() {
     for change in broken {
         let mut record = good.clone();
         change(&mut record);
-        let (machine, actions) = OtaMachine::resume(
-            config(OLD, SECURE_VERSION),
-            Some(record),
-            BootedImage::Previous,
-        );
-        assert_eq!(
-            machine.pending_result().map(|r| r.outcome),
-            Some(OtaOutcome::Aborted)
-        );
+        let (machine, actions) =
+            OtaMachine::resume(config(OLD, SECURE_VERSION), Some(record), BootedImage::Previous);
+        assert_eq!(machine.pending_result().map(|r| r.outcome), Some(OtaOutcome::Aborted));
         assert!(
             matches!(actions.persist, Some(Persist::Store(r)) if r.phase == OtaPhase::Finished(OtaOutcome::Aborted))
         );
@@ -1044,10 +863,7 @@ fn slot_write_failure_fails_update() {
     let actions = machine
         .on_chunk(&server.chunk(machine.chunk_request().unwrap()), &mut Broken)
         .unwrap();
-    assert_eq!(
-        actions.send_result.map(|r| r.outcome),
-        Some(OtaOutcome::WriteFailed)
-    );
+    assert_eq!(actions.send_result.map(|r| r.outcome), Some(OtaOutcome::WriteFailed));
     assert_eq!(machine.state(), OtaStateKind::Failed);
 }
 
@@ -1068,10 +884,7 @@ fn reboot_while_ready_re_verifies() {
     // Bit rot before the next reset: caught by the re-verification.
     device.slot.flip_bit(4321, 2);
     device.reboot();
-    assert_eq!(
-        device.machine.pending_result().unwrap().outcome,
-        OtaOutcome::DigestMismatch
-    );
+    assert_eq!(device.machine.pending_result().unwrap().outcome, OtaOutcome::DigestMismatch);
     assert_eq!(device.activations, 0);
 }
 
@@ -1101,26 +914,14 @@ fn self_test_failure_survives_a_missed_rollback() {
     assert_eq!(actions.boot, Some(BootAction::RollBackAndReboot));
     // Persisted, then the device resets before switching back; the bootloader
     // (no automatic rollback here) boots the update again.
-    device.execute(OtaActions {
-        boot: None,
-        ..actions
-    });
-    let (_, again) = OtaMachine::resume(
-        device.current_config(),
-        device.stored_record(),
-        BootedImage::Updated,
-    );
+    device.execute(OtaActions { boot: None, ..actions });
+    let (_, again) =
+        OtaMachine::resume(device.current_config(), device.stored_record(), BootedImage::Updated);
     assert_eq!(again.boot, Some(BootAction::RollBackAndReboot));
-    let (machine, quiet) = OtaMachine::resume(
-        config(OLD, SECURE_VERSION),
-        device.stored_record(),
-        BootedImage::Previous,
-    );
+    let (machine, quiet) =
+        OtaMachine::resume(config(OLD, SECURE_VERSION), device.stored_record(), BootedImage::Previous);
     assert!(quiet.is_empty());
-    assert_eq!(
-        machine.on_connected().send_result.unwrap().outcome,
-        OtaOutcome::SelfTestFailed
-    );
+    assert_eq!(machine.on_connected().send_result.unwrap().outcome, OtaOutcome::SelfTestFailed);
 }
 
 #[test]
@@ -1141,18 +942,11 @@ fn bootloader_rollback_is_detected_and_reported() {
     device.connect();
     assert_eq!(
         device.results,
-        vec![OtaResult {
-            rollout_id: 7,
-            version: NEW,
-            outcome: OtaOutcome::RolledBack
-        }]
+        vec![OtaResult { rollout_id: 7, version: NEW, outcome: OtaOutcome::RolledBack }]
     );
     // The result survives further reboots until delivered.
     device.reboot();
-    assert_eq!(
-        device.machine.pending_result().unwrap().outcome,
-        OtaOutcome::RolledBack
-    );
+    assert_eq!(device.machine.pending_result().unwrap().outcome, OtaOutcome::RolledBack);
     device.acknowledge();
     assert_eq!(device.stored, None);
 }
@@ -1169,11 +963,7 @@ fn offers_while_pending_confirmation_are_busy() {
     assert!(device.machine.awaiting_self_test());
     let mut offer = other.offer.clone();
     offer.manifest = sign(Manifest {
-        version: FirmwareVersion {
-            major: 2,
-            minor: 0,
-            patch: 0,
-        },
+        version: FirmwareVersion { major: 2, minor: 0, patch: 0 },
         ..offer.manifest.manifest
     });
     refused(&mut device, &offer, BATTERY_OK, OtaOutcome::Busy);
@@ -1195,10 +985,7 @@ fn calls_in_the_wrong_state_are_refused() {
     assert_eq!(machine.reboot_into_update(), Err(OtaError::InvalidState));
     assert_eq!(machine.abort(), Err(OtaError::InvalidState));
     assert_eq!(machine.result_delivered(), Err(OtaError::InvalidState));
-    assert_eq!(
-        machine.verify_step(&mut slot, &mut [0; 8]),
-        Err(OtaError::InvalidState)
-    );
+    assert_eq!(machine.verify_step(&mut slot, &mut [0; 8]), Err(OtaError::InvalidState));
     assert!(machine.on_connected().is_empty());
     assert_eq!(machine.progress(), None);
 }
@@ -1213,10 +1000,7 @@ fn abort_before_reboot() {
     assert_eq!(actions.send_result.unwrap().outcome, OtaOutcome::Aborted);
     device.execute(actions);
     assert_eq!(device.machine.state(), OtaStateKind::Failed);
-    assert_eq!(
-        device.machine.verify_step(&mut device.slot, &mut []),
-        Err(OtaError::InvalidState)
-    );
+    assert_eq!(device.machine.verify_step(&mut device.slot, &mut []), Err(OtaError::InvalidState));
 }
 
 #[test]
@@ -1231,10 +1015,7 @@ fn verify_step_needs_a_buffer() {
         .unwrap();
     assert!(actions.verify);
     assert_eq!(device.machine.state(), OtaStateKind::Verifying);
-    assert_eq!(
-        device.machine.verify_step(&mut device.slot, &mut []),
-        Err(OtaError::BufferTooSmall)
-    );
+    assert_eq!(device.machine.verify_step(&mut device.slot, &mut []), Err(OtaError::BufferTooSmall));
     let mut steps = 0;
     while device.machine.state() == OtaStateKind::Verifying {
         let actions = device
@@ -1242,10 +1023,7 @@ fn verify_step_needs_a_buffer() {
             .verify_step(&mut device.slot, &mut [0; 7])
             .unwrap();
         steps += 1;
-        assert_eq!(
-            actions.verify,
-            device.machine.state() == OtaStateKind::Verifying
-        );
+        assert_eq!(actions.verify, device.machine.state() == OtaStateKind::Verifying);
     }
     assert_eq!(steps, 600usize.div_ceil(7));
     assert_eq!(device.machine.state(), OtaStateKind::ReadyToReboot);
@@ -1264,11 +1042,7 @@ enum Event {
     /// ... with one bit flipped.
     ServeFlipped(u16),
     /// A chunk at an arbitrary offset, for A's or another rollout.
-    Garbage {
-        offset: u32,
-        len: u16,
-        own_rollout: bool,
-    },
+    Garbage { offset: u32, len: u16, own_rollout: bool },
     /// The last chunk delivered, again.
     Duplicate,
     /// The link comes back.
@@ -1329,18 +1103,11 @@ impl World {
         tampered.offer.manifest.manifest.image_size = 1000;
         let mut other_chip = b.clone();
         other_chip.offer.rollout_id = 4;
-        other_chip.offer.manifest = sign(Manifest {
-            chip: Chip::Esp32c6,
-            ..b.offer.manifest.manifest.clone()
-        });
+        other_chip.offer.manifest =
+            sign(Manifest { chip: Chip::Esp32c6, ..b.offer.manifest.manifest.clone() });
         let mut device = Device::with_slot(MemorySlot::new(image(4096, 23)));
         device.auto_reboot = false;
-        Self {
-            servers: [a, b, tampered, other_chip],
-            device,
-            last_chunk: None,
-            pending_verify: false,
-        }
+        Self { servers: [a, b, tampered, other_chip], device, last_chunk: None, pending_verify: false }
     }
 
     fn server_for(&self, rollout_id: u32) -> Option<&Server> {
@@ -1359,10 +1126,7 @@ impl World {
         if actions.boot == Some(BootAction::UpdateReady) {
             let record = self.device.machine.record().unwrap();
             let server = self.server_for(record.rollout_id).unwrap();
-            assert!(
-                record.rollout_id <= 2,
-                "only genuine manifests get this far"
-            );
+            assert!(record.rollout_id <= 2, "only genuine manifests get this far");
             assert_eq!(record.manifest, server.offer.manifest);
             self.device.check_slot_matches_record();
             self.device.assert_holds(&server.image);
@@ -1373,10 +1137,7 @@ impl World {
                 "confirmed a forged rollout"
             );
         }
-        self.device.execute(OtaActions {
-            verify: false,
-            ..actions
-        });
+        self.device.execute(OtaActions { verify: false, ..actions });
     }
 
     fn step(&mut self, event: Event) {
@@ -1386,23 +1147,15 @@ impl World {
         match event {
             Event::Offer(index) => {
                 let offer = self.servers[usize::from(index)].offer.clone();
-                let actions =
-                    self.device
-                        .machine
-                        .on_offer(&offer, BATTERY_OK, &mut self.device.slot);
+                let actions = self
+                    .device
+                    .machine
+                    .on_offer(&offer, BATTERY_OK, &mut self.device.slot);
                 self.apply(actions);
             }
             Event::Serve | Event::ServeFlipped(_) => self.serve(event),
-            Event::Garbage {
-                offset,
-                len,
-                own_rollout,
-            } => {
-                let rollout = if own_rollout {
-                    self.device.request.map_or(1, |r| r.rollout_id)
-                } else {
-                    9
-                };
+            Event::Garbage { offset, len, own_rollout } => {
+                let rollout = if own_rollout { self.device.request.map_or(1, |r| r.rollout_id) } else { 9 };
                 let data = image(usize::from(len).min(1024), offset);
                 self.deliver(chunk(rollout, offset, &data));
             }
@@ -1447,11 +1200,8 @@ impl World {
                 }
             }
             Event::SelfTest(pass) => {
-                let result = if pass {
-                    self.device.machine.confirm()
-                } else {
-                    self.device.machine.self_test_failed()
-                };
+                let result =
+                    if pass { self.device.machine.confirm() } else { self.device.machine.self_test_failed() };
                 match result {
                     Ok(actions) => self.apply(actions),
                     Err(error) => assert!(!self.device.machine.awaiting_self_test(), "{error}"),
@@ -1494,11 +1244,7 @@ impl World {
         match self.device.machine.on_chunk(&chunk, &mut self.device.slot) {
             Ok(actions) => self.apply(actions),
             Err(_) => {
-                assert_eq!(
-                    self.device.slot.mutations(),
-                    mutations,
-                    "refused chunk was written"
-                );
+                assert_eq!(self.device.slot.mutations(), mutations, "refused chunk was written");
                 assert_eq!(self.device.machine.chunk_request(), expected);
             }
         }
@@ -1516,16 +1262,9 @@ impl World {
             Some(ImageState::PendingVerify) => None,
             other => other,
         };
-        let booted = if self.device.running_update() {
-            BootedImage::Updated
-        } else {
-            BootedImage::Previous
-        };
-        let (machine, actions) = OtaMachine::resume(
-            self.device.current_config(),
-            self.device.stored_record(),
-            booted,
-        );
+        let booted = if self.device.running_update() { BootedImage::Updated } else { BootedImage::Previous };
+        let (machine, actions) =
+            OtaMachine::resume(self.device.current_config(), self.device.stored_record(), booted);
         self.device.machine = machine;
         assert_eq!((actions.send_result, actions.send_request), (None, None));
         self.apply(actions);
@@ -1535,10 +1274,7 @@ impl World {
         let machine = &self.device.machine;
         if let Some(record) = machine.record() {
             assert!(record.offset <= record.manifest.manifest.image_size);
-            assert!(
-                record.rollout_id <= 2,
-                "only verified offers are ever recorded"
-            );
+            assert!(record.rollout_id <= 2, "only verified offers are ever recorded");
         }
         if let Some(stored) = self.device.stored_record() {
             assert!(stored.offset <= stored.manifest.manifest.image_size);

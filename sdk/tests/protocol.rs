@@ -2,12 +2,14 @@
 
 use proptest::collection::vec;
 use proptest::prelude::*;
+mod common;
+
+use common::typical_detection;
 use wildcam_sdk::DeviceId;
 use wildcam_sdk::protocol::*;
 
 fn device_id() -> impl Strategy<Value = DeviceId> {
-    "[A-Za-z0-9_-][A-Za-z0-9._-]{0,31}"
-        .prop_map(|s| DeviceId::new(&s).expect("valid by construction"))
+    "[A-Za-z0-9_-][A-Za-z0-9._-]{0,31}".prop_map(|s| DeviceId::new(&s).expect("valid by construction"))
 }
 
 fn heapless_string<const N: usize>() -> impl Strategy<Value = heapless::String<N>> {
@@ -138,10 +140,7 @@ fn round_trip<M: Message + PartialEq + core::fmt::Debug>(message: &M) -> usize {
     assert_eq!(&decoded, message);
     // Any strict prefix is refused, never misread.
     for cut in 0..len {
-        assert!(
-            decode::<M>(&buf[..cut]).is_err(),
-            "prefix of {cut} bytes accepted"
-        );
+        assert!(decode::<M>(&buf[..cut]).is_err(), "prefix of {cut} bytes accepted");
     }
     // A trailing byte is refused.
     buf.truncate(len);
@@ -198,33 +197,6 @@ proptest! {
     }
 }
 
-/// The typical detection of `docs/protocol.md`.
-pub fn typical_detection() -> Detection {
-    Detection {
-        seq: 48_213,
-        captured_at: 1_795_000_000,
-        trigger: Trigger::Pir,
-        burst_index: 1,
-        burst_len: 3,
-        classes: [(17, 91), (4, 6), (230, 2)]
-            .into_iter()
-            .map(|(label, confidence_pct)| Classification {
-                label,
-                confidence_pct,
-            })
-            .collect(),
-        bbox: Some(BoundingBox {
-            x: 3_120,
-            y: 4_410,
-            width: 2_250,
-            height: 1_870,
-        }),
-        image_len: 187_342,
-        image_digest: [0x9f, 0x1c, 0x42, 0x07, 0xee, 0x31, 0x5a, 0xd0],
-        battery_mv: 3_912,
-    }
-}
-
 #[test]
 fn typical_detection_fits_in_48_bytes() {
     let len = round_trip(&typical_detection());
@@ -237,16 +209,10 @@ fn version_and_unknown_kind_are_refused() {
     let len = encode(&Ack { through: 7 }, &mut buf).unwrap().len();
     let mut wrong_version = buf;
     wrong_version[0] = 2;
-    assert_eq!(
-        decode::<Ack>(&wrong_version[..len]),
-        Err(ProtocolError::VersionUnsupported)
-    );
+    assert_eq!(decode::<Ack>(&wrong_version[..len]), Err(ProtocolError::VersionUnsupported));
     let mut unknown_kind = buf;
     unknown_kind[1] = 0x7f;
-    assert_eq!(
-        decode::<Ack>(&unknown_kind[..len]),
-        Err(ProtocolError::KindUnknown)
-    );
+    assert_eq!(decode::<Ack>(&unknown_kind[..len]), Err(ProtocolError::KindUnknown));
     assert_eq!(decode::<Ack>(&[]), Err(ProtocolError::DecodeTruncated));
 }
 
@@ -256,45 +222,25 @@ fn out_of_range_values_are_refused() {
     bad.burst_index = 3;
     let mut buf = [0u8; Detection::ENCODED_LEN_MAX];
     let len = encode(&bad, &mut buf).unwrap().len();
-    assert_eq!(
-        decode::<Detection>(&buf[..len]),
-        Err(ProtocolError::ValueOutOfRange)
-    );
+    assert_eq!(decode::<Detection>(&buf[..len]), Err(ProtocolError::ValueOutOfRange));
 
     let mut bad = typical_detection();
-    bad.bbox = Some(BoundingBox {
-        x: 9_000,
-        y: 0,
-        width: 2_000,
-        height: 10,
-    });
+    bad.bbox = Some(BoundingBox { x: 9_000, y: 0, width: 2_000, height: 10 });
     let len = encode(&bad, &mut buf).unwrap().len();
-    assert_eq!(
-        decode::<Detection>(&buf[..len]),
-        Err(ProtocolError::ValueOutOfRange)
-    );
+    assert_eq!(decode::<Detection>(&buf[..len]), Err(ProtocolError::ValueOutOfRange));
 
-    let config = TrapConfig {
-        checkin_interval_s: 10,
-        ..TrapConfig::default()
-    };
+    let config = TrapConfig { checkin_interval_s: 10, ..TrapConfig::default() };
     let mut buf = [0u8; DesiredConfig::ENCODED_LEN_MAX];
     let len = encode(&DesiredConfig { version: 1, config }, &mut buf)
         .unwrap()
         .len();
-    assert_eq!(
-        decode::<DesiredConfig>(&buf[..len]),
-        Err(ProtocolError::ValueOutOfRange)
-    );
+    assert_eq!(decode::<DesiredConfig>(&buf[..len]), Err(ProtocolError::ValueOutOfRange));
 }
 
 #[test]
 fn encode_refuses_small_buffers() {
     let mut buf = [0u8; 10];
-    assert_eq!(
-        encode(&typical_detection(), &mut buf).map(|b| b.len()),
-        Err(ProtocolError::EncodeBufferFull)
-    );
+    assert_eq!(encode(&typical_detection(), &mut buf).map(|b| b.len()), Err(ProtocolError::EncodeBufferFull));
     assert_eq!(
         encode(&Ack { through: 1 }, &mut [0u8; 1]).map(|b| b.len()),
         Err(ProtocolError::EncodeBufferFull)
@@ -313,17 +259,11 @@ fn every_kind_has_a_unique_byte_and_route() {
 
 #[test]
 fn capture_windows_wrap_midnight() {
-    let night = CaptureWindow {
-        start_min: 18 * 60,
-        end_min: 6 * 60,
-    };
+    let night = CaptureWindow { start_min: 18 * 60, end_min: 6 * 60 };
     assert!(night.contains(23 * 60));
     assert!(night.contains(0));
     assert!(!night.contains(12 * 60));
-    let day = CaptureWindow {
-        start_min: 6 * 60,
-        end_min: 18 * 60,
-    };
+    let day = CaptureWindow { start_min: 6 * 60, end_min: 18 * 60 };
     assert!(day.contains(12 * 60));
     assert!(!day.contains(18 * 60));
 }

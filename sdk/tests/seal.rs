@@ -3,8 +3,8 @@
 use proptest::prelude::*;
 use wildcam_sdk::DeviceId;
 use wildcam_sdk::seal::{
-    COUNTER_RESERVE_BLOCK, OpenError, Opener, ReplayWindow, SEAL_OVERHEAD, SealError, Sealer,
-    SessionKey, frame_counter, open_with,
+    COUNTER_RESERVE_BLOCK, OpenError, Opener, ReplayWindow, SEAL_OVERHEAD, SealError, Sealer, SessionKey,
+    frame_counter, open_with,
 };
 use wildcam_sdk::topic::Direction;
 
@@ -38,19 +38,10 @@ fn round_trip() {
     let id = device("trap-0001");
     let mut sealer = Sealer::new(SessionKey::from_bytes(KEY_A), Direction::Up);
     let mut opener = opener(KEY_A, Direction::Up);
-    for plaintext in [
-        &b""[..],
-        b"x",
-        b"a detection of a red fox at 03:12",
-        &[0u8; 300][..],
-    ] {
+    for plaintext in [&b""[..], b"x", b"a detection of a red fox at 03:12", &[0u8; 300][..]] {
         let mut frame = seal_one(&mut sealer, id.as_bytes(), plaintext);
         if !plaintext.is_empty() {
-            assert_ne!(
-                &frame[6..6 + plaintext.len()],
-                plaintext,
-                "payload must not travel in clear"
-            );
+            assert_ne!(&frame[6..6 + plaintext.len()], plaintext, "payload must not travel in clear");
         }
         assert_eq!(opener.open(id.as_bytes(), &mut frame), Ok(plaintext));
     }
@@ -62,10 +53,7 @@ fn another_devices_key_is_refused() {
     let id = device("trap-1");
     let mut frame = seal_many(Direction::Up, id.as_bytes(), 1).remove(0);
     let mut other = opener(KEY_B, Direction::Up);
-    assert_eq!(
-        other.open(id.as_bytes(), &mut frame),
-        Err(OpenError::Authentication)
-    );
+    assert_eq!(other.open(id.as_bytes(), &mut frame), Err(OpenError::Authentication));
 }
 
 #[test]
@@ -73,10 +61,7 @@ fn another_device_id_as_context_is_refused() {
     let mut frame = seal_many(Direction::Up, device("trap-1").as_bytes(), 1).remove(0);
     let mut opener = opener(KEY_A, Direction::Up);
     let moved = device("trap-2");
-    assert_eq!(
-        opener.open(moved.as_bytes(), &mut frame),
-        Err(OpenError::Authentication)
-    );
+    assert_eq!(opener.open(moved.as_bytes(), &mut frame), Err(OpenError::Authentication));
     assert_eq!(opener.window(), ReplayWindow::new());
 }
 
@@ -86,10 +71,7 @@ fn replayed_counter_is_refused() {
     let frame = seal_many(Direction::Down, id.as_bytes(), 1).remove(0);
     let mut opener = opener(KEY_A, Direction::Down);
     assert!(opener.open(id.as_bytes(), &mut frame.clone()).is_ok());
-    assert_eq!(
-        opener.open(id.as_bytes(), &mut frame.clone()),
-        Err(OpenError::Replayed)
-    );
+    assert_eq!(opener.open(id.as_bytes(), &mut frame.clone()), Err(OpenError::Replayed));
 }
 
 #[test]
@@ -97,15 +79,9 @@ fn wrong_direction_is_refused() {
     let id = device("trap-1");
     let mut frame = seal_many(Direction::Down, id.as_bytes(), 1).remove(0);
     let mut opener = opener(KEY_A, Direction::Up);
-    assert_eq!(
-        opener.open(id.as_bytes(), &mut frame),
-        Err(OpenError::DirectionWrong)
-    );
+    assert_eq!(opener.open(id.as_bytes(), &mut frame), Err(OpenError::DirectionWrong));
     frame[1] = 7;
-    assert_eq!(
-        opener.open(id.as_bytes(), &mut frame),
-        Err(OpenError::DirectionWrong)
-    );
+    assert_eq!(opener.open(id.as_bytes(), &mut frame), Err(OpenError::DirectionWrong));
 }
 
 #[test]
@@ -114,32 +90,17 @@ fn malformed_headers_are_refused() {
     let mut opener = opener(KEY_A, Direction::Up);
     for len in 0..SEAL_OVERHEAD {
         let mut short = vec![1u8; len];
-        assert_eq!(
-            opener.open(id.as_bytes(), &mut short),
-            Err(OpenError::FrameTooShort)
-        );
+        assert_eq!(opener.open(id.as_bytes(), &mut short), Err(OpenError::FrameTooShort));
     }
     let mut frame = seal_many(Direction::Up, id.as_bytes(), 1).remove(0);
     frame[0] = 2;
-    assert_eq!(
-        opener.open(id.as_bytes(), &mut frame),
-        Err(OpenError::VersionUnsupported)
-    );
+    assert_eq!(opener.open(id.as_bytes(), &mut frame), Err(OpenError::VersionUnsupported));
     let mut zero = seal_many(Direction::Up, id.as_bytes(), 1).remove(0);
     zero[2..6].copy_from_slice(&[0; 4]);
-    assert_eq!(
-        opener.open(id.as_bytes(), &mut zero),
-        Err(OpenError::CounterZero)
-    );
-    assert_eq!(
-        opener.open(&[0; 65], &mut frame),
-        Err(OpenError::VersionUnsupported)
-    );
+    assert_eq!(opener.open(id.as_bytes(), &mut zero), Err(OpenError::CounterZero));
+    assert_eq!(opener.open(&[0; 65], &mut frame), Err(OpenError::VersionUnsupported));
     frame[0] = 1;
-    assert_eq!(
-        opener.open(&[0; 65], &mut frame),
-        Err(OpenError::ContextTooLong)
-    );
+    assert_eq!(opener.open(&[0; 65], &mut frame), Err(OpenError::ContextTooLong));
 }
 
 #[test]
@@ -148,14 +109,8 @@ fn counter_older_than_the_window_is_refused() {
     let frames = seal_many(Direction::Up, id.as_bytes(), 70);
     let mut opener = opener(KEY_A, Direction::Up);
     assert!(opener.open(id.as_bytes(), &mut frames[69].clone()).is_ok()); // counter 70
-    assert_eq!(
-        opener.open(id.as_bytes(), &mut frames[5].clone()),
-        Err(OpenError::TooOld)
-    ); // 6
-    assert_eq!(
-        opener.open(id.as_bytes(), &mut frames[0].clone()),
-        Err(OpenError::TooOld)
-    ); // 1
+    assert_eq!(opener.open(id.as_bytes(), &mut frames[5].clone()), Err(OpenError::TooOld)); // 6
+    assert_eq!(opener.open(id.as_bytes(), &mut frames[0].clone()), Err(OpenError::TooOld)); // 1
     assert!(opener.open(id.as_bytes(), &mut frames[6].clone()).is_ok()); // 7: oldest in window
 }
 
@@ -169,16 +124,10 @@ fn reordering_inside_the_window_is_accepted_once() {
     let mut opener = opener(KEY_A, Direction::Up);
     for &i in &order {
         let mut frame = frames[i].clone();
-        assert_eq!(
-            opener.open(id.as_bytes(), &mut frame),
-            Ok(format!("message {i}").as_bytes())
-        );
+        assert_eq!(opener.open(id.as_bytes(), &mut frame), Ok(format!("message {i}").as_bytes()));
     }
     for frame in &frames {
-        assert_eq!(
-            opener.open(id.as_bytes(), &mut frame.clone()),
-            Err(OpenError::Replayed)
-        );
+        assert_eq!(opener.open(id.as_bytes(), &mut frame.clone()), Err(OpenError::Replayed));
     }
 }
 
@@ -191,16 +140,10 @@ fn forged_frame_does_not_advance_the_window() {
     // out of the window if it were recorded before authentication.
     let mut forged = frames[1].clone();
     forged[2..6].copy_from_slice(&1_000_000u32.to_le_bytes());
-    assert_eq!(
-        opener.open(id.as_bytes(), &mut forged),
-        Err(OpenError::Authentication)
-    );
+    assert_eq!(opener.open(id.as_bytes(), &mut forged), Err(OpenError::Authentication));
     let mut bad_tag = frames[0].clone();
     *bad_tag.last_mut().unwrap() ^= 1;
-    assert_eq!(
-        opener.open(id.as_bytes(), &mut bad_tag),
-        Err(OpenError::Authentication)
-    );
+    assert_eq!(opener.open(id.as_bytes(), &mut bad_tag), Err(OpenError::Authentication));
     assert_eq!(bad_tag[..6], frames[0][..6]);
     assert_eq!(opener.window(), ReplayWindow::new());
     assert!(opener.open(id.as_bytes(), &mut frames[0].clone()).is_ok());
@@ -215,10 +158,7 @@ fn every_single_bit_flip_is_refused() {
         let mut tampered = frame.clone();
         tampered[bit / 8] ^= 1 << (bit % 8);
         let mut opener = opener(KEY_A, Direction::Up);
-        assert!(
-            opener.open(id.as_bytes(), &mut tampered).is_err(),
-            "bit {bit}"
-        );
+        assert!(opener.open(id.as_bytes(), &mut tampered).is_err(), "bit {bit}");
         assert_eq!(opener.window(), ReplayWindow::new(), "bit {bit}");
     }
 }
@@ -231,16 +171,7 @@ fn server_keeps_windows_in_its_own_map() {
     let mut stored = (0u32, 0u64);
     for frame in &frames {
         let mut window = ReplayWindow::from_parts(stored.0, stored.1);
-        assert!(
-            open_with(
-                &mut window,
-                &key,
-                Direction::Up,
-                id.as_bytes(),
-                &mut frame.clone()
-            )
-            .is_ok()
-        );
+        assert!(open_with(&mut window, &key, Direction::Up, id.as_bytes(), &mut frame.clone()).is_ok());
         stored = (window.highest(), window.bitmap());
     }
     assert_eq!(stored, (3, 0b111));
@@ -260,38 +191,19 @@ fn counter_exhaustion_requires_a_new_key() {
     let mut opener = Opener::new(key.clone(), Direction::Up);
     assert!(opener.open(b"trap-1", &mut out[..first.len]).is_ok());
     let second = sealer.seal(b"trap-1", b"last", &mut out).unwrap();
-    assert_eq!(
-        (second.persist_reservation, frame_counter(&out)),
-        (None, Some(u32::MAX - 1))
-    );
-    assert_eq!(
-        sealer.seal(b"trap-1", b"x", &mut out),
-        Err(SealError::CounterExhausted)
-    );
-    assert_eq!(
-        sealer.seal(b"trap-1", b"x", &mut out),
-        Err(SealError::CounterExhausted)
-    );
+    assert_eq!((second.persist_reservation, frame_counter(&out)), (None, Some(u32::MAX - 1)));
+    assert_eq!(sealer.seal(b"trap-1", b"x", &mut out), Err(SealError::CounterExhausted));
+    assert_eq!(sealer.seal(b"trap-1", b"x", &mut out), Err(SealError::CounterExhausted));
     let mut rebooted = Sealer::resume(key, Direction::Up, u32::MAX);
-    assert_eq!(
-        rebooted.seal(b"trap-1", b"x", &mut out),
-        Err(SealError::CounterExhausted)
-    );
+    assert_eq!(rebooted.seal(b"trap-1", b"x", &mut out), Err(SealError::CounterExhausted));
 }
 
 #[test]
 fn debug_never_shows_key_bytes() {
     let key = SessionKey::from_bytes([0x42; 32]);
     let sealer = Sealer::new(key.clone(), Direction::Up);
-    for text in [
-        format!("{key:?}"),
-        format!("{sealer:?}"),
-        format!("{:?}", opener(KEY_A, Direction::Up)),
-    ] {
-        assert!(
-            !text.contains("66") && !text.contains("42") && !text.contains("165"),
-            "{text}"
-        );
+    for text in [format!("{key:?}"), format!("{sealer:?}"), format!("{:?}", opener(KEY_A, Direction::Up))] {
+        assert!(!text.contains("66") && !text.contains("42") && !text.contains("165"), "{text}");
     }
 }
 

@@ -5,8 +5,7 @@ use super::record::{OtaPhase, OtaRecord};
 use super::slot::OtaSlot;
 use super::verify::{ImageHasher, OtaConfig};
 use super::wire::{
-    Chunk, ChunkRequest, OTA_CHUNK_LEN_MAX, OtaOffer, OtaOutcome, OtaProgress, OtaResult,
-    OtaStateKind,
+    Chunk, ChunkRequest, OTA_CHUNK_LEN_MAX, OtaOffer, OtaOutcome, OtaProgress, OtaResult, OtaStateKind,
 };
 
 /// [`OTA_CHUNK_LEN_MAX`] as the wire's `u16`.
@@ -83,10 +82,7 @@ impl OtaActions {
     }
 
     fn result(result: OtaResult) -> Self {
-        Self {
-            send_result: Some(result),
-            ..Self::default()
-        }
+        Self { send_result: Some(result), ..Self::default() }
     }
 }
 
@@ -108,13 +104,7 @@ pub struct OtaMachine {
 impl OtaMachine {
     /// An idle machine (no record persisted).
     pub fn new(config: OtaConfig) -> Self {
-        Self {
-            config,
-            record: None,
-            persisted_offset: 0,
-            hasher: None,
-            running_update: false,
-        }
+        Self { config, record: None, persisted_offset: 0, hasher: None, running_update: false }
     }
 
     /// Rebuilds the machine on boot from the last persisted record.
@@ -123,11 +113,7 @@ impl OtaMachine {
     /// send what [`OtaMachine::on_connected`] says. A Downloading,
     /// Verifying or ReadyToReboot record whose signature, chip or sizes no
     /// longer check out ends as [`OtaOutcome::Aborted`].
-    pub fn resume(
-        config: OtaConfig,
-        record: Option<OtaRecord>,
-        booted: BootedImage,
-    ) -> (Self, OtaActions) {
+    pub fn resume(config: OtaConfig, record: Option<OtaRecord>, booted: BootedImage) -> (Self, OtaActions) {
         let mut machine = Self::new(config);
         let Some(record) = record else {
             return (machine, OtaActions::default());
@@ -141,10 +127,7 @@ impl OtaMachine {
             }
             OtaPhase::PendingConfirmation => machine.resume_pending(booted),
             OtaPhase::Finished(OtaOutcome::SelfTestFailed) if booted == BootedImage::Updated => {
-                OtaActions {
-                    boot: Some(BootAction::RollBackAndReboot),
-                    ..OtaActions::default()
-                }
+                OtaActions { boot: Some(BootAction::RollBackAndReboot), ..OtaActions::default() }
             }
             OtaPhase::Finished(_) => OtaActions::default(),
         };
@@ -168,10 +151,7 @@ impl OtaMachine {
         }
         if complete {
             record.phase = OtaPhase::Verifying;
-            return OtaActions {
-                verify: true,
-                ..OtaActions::default()
-            };
+            return OtaActions { verify: true, ..OtaActions::default() };
         }
         OtaActions::default()
     }
@@ -232,11 +212,7 @@ impl OtaMachine {
             .checked_sub(record.offset)
             .filter(|&r| r > 0)?;
         let len = u16::try_from(remaining).map_or(record.chunk_len, |r| r.min(record.chunk_len));
-        Some(ChunkRequest {
-            rollout_id: record.rollout_id,
-            offset: record.offset,
-            len,
-        })
+        Some(ChunkRequest { rollout_id: record.rollout_id, offset: record.offset, len })
     }
 
     /// The result still to be reported, once an update is over.
@@ -313,15 +289,9 @@ impl OtaMachine {
         let actions = match record.phase {
             OtaPhase::Downloading => {
                 record.chunk_len = effective_chunk_len(offer.chunk_len);
-                OtaActions {
-                    send_request: self.chunk_request(),
-                    ..OtaActions::default()
-                }
+                OtaActions { send_request: self.chunk_request(), ..OtaActions::default() }
             }
-            OtaPhase::Verifying => OtaActions {
-                verify: true,
-                ..OtaActions::default()
-            },
+            OtaPhase::Verifying => OtaActions { verify: true, ..OtaActions::default() },
             // UpdateReady is only ever said right after a verification.
             OtaPhase::ReadyToReboot | OtaPhase::PendingConfirmation => OtaActions::default(),
             OtaPhase::Finished(outcome) => OtaActions::result(record.result(outcome)),
@@ -402,19 +372,11 @@ impl OtaMachine {
         if record.offset >= record.image_size() {
             record.phase = OtaPhase::Verifying;
             self.hasher = None;
-            return OtaActions {
-                persist: Some(self.store()),
-                verify: true,
-                ..OtaActions::default()
-            };
+            return OtaActions { persist: Some(self.store()), verify: true, ..OtaActions::default() };
         }
         let due = record.offset.saturating_sub(self.persisted_offset) >= self.config.persist_every;
         let persist = if due { Some(self.store()) } else { None };
-        OtaActions {
-            persist,
-            send_request: self.chunk_request(),
-            ..OtaActions::default()
-        }
+        OtaActions { persist, send_request: self.chunk_request(), ..OtaActions::default() }
     }
 
     /// Verifies the image by reading the slot back: hashes the next
@@ -452,10 +414,7 @@ impl OtaMachine {
             hasher.update(piece);
         }
         if hasher.len() < u64::from(size) {
-            return Ok(OtaActions {
-                verify: true,
-                ..OtaActions::default()
-            });
+            return Ok(OtaActions { verify: true, ..OtaActions::default() });
         }
         Ok(self.conclude_verification())
     }
@@ -550,10 +509,7 @@ impl OtaMachine {
         self.record = None;
         self.persisted_offset = 0;
         self.running_update = false;
-        Ok(OtaActions {
-            persist: Some(Persist::Clear),
-            ..OtaActions::default()
-        })
+        Ok(OtaActions { persist: Some(Persist::Clear), ..OtaActions::default() })
     }
 
     fn phase(&self) -> Option<OtaPhase> {
@@ -568,11 +524,7 @@ impl OtaMachine {
         };
         record.phase = OtaPhase::Finished(outcome);
         let result = record.result(outcome);
-        OtaActions {
-            persist: Some(self.store()),
-            send_result: Some(result),
-            ..OtaActions::default()
-        }
+        OtaActions { persist: Some(self.store()), send_result: Some(result), ..OtaActions::default() }
     }
 
     /// The record to persist now; remembers its offset.
@@ -589,17 +541,9 @@ impl OtaMachine {
 
 /// The chunk length actually used for an offered one.
 fn effective_chunk_len(offered: u16) -> u16 {
-    if offered == 0 {
-        CHUNK_LEN_MAX
-    } else {
-        offered.min(CHUNK_LEN_MAX)
-    }
+    if offered == 0 { CHUNK_LEN_MAX } else { offered.min(CHUNK_LEN_MAX) }
 }
 
 fn offer_result(offer: &OtaOffer, outcome: OtaOutcome) -> OtaResult {
-    OtaResult {
-        rollout_id: offer.rollout_id,
-        version: offer.manifest.manifest.version,
-        outcome,
-    }
+    OtaResult { rollout_id: offer.rollout_id, version: offer.manifest.manifest.version, outcome }
 }

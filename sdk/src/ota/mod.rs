@@ -93,9 +93,9 @@ pub use record::{OTA_RECORD_FORMAT, OTA_RECORD_LEN_MAX, OtaPhase, OtaRecord};
 pub use slot::{MemorySlot, MemorySlotError, OtaSlot, StorageSlot};
 pub use verify::{ImageHasher, OtaConfig};
 pub use wire::{
-    Chunk, ChunkRequest, MANIFEST_SIGNING_CONTEXT, MANIFEST_SIGNING_LEN_MAX, Manifest,
-    ManifestSignature, OTA_CHUNK_LEN_MAX, OtaOffer, OtaOutcome, OtaProgress, OtaResult,
-    OtaStateKind, SIGNATURE_LEN, SignedManifest,
+    Chunk, ChunkRequest, MANIFEST_SIGNING_CONTEXT, MANIFEST_SIGNING_LEN_MAX, Manifest, ManifestSignature,
+    OTA_CHUNK_LEN_MAX, OtaOffer, OtaOutcome, OtaProgress, OtaResult, OtaStateKind, SIGNATURE_LEN,
+    SignedManifest,
 };
 
 /// Why an OTA operation was refused or failed.

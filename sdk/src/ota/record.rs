@@ -96,11 +96,7 @@ impl OtaRecord {
 
     /// The result message for `outcome` on this rollout.
     pub fn result(&self, outcome: OtaOutcome) -> OtaResult {
-        OtaResult {
-            rollout_id: self.rollout_id,
-            version: self.manifest.manifest.version,
-            outcome,
-        }
+        OtaResult { rollout_id: self.rollout_id, version: self.manifest.manifest.version, outcome }
     }
 
     /// Image size from the manifest.
@@ -120,11 +116,7 @@ mod tests {
             rollout_id: u32::MAX,
             manifest: SignedManifest {
                 manifest: Manifest {
-                    version: FirmwareVersion {
-                        major: u16::MAX,
-                        minor: u16::MAX,
-                        patch: u16::MAX,
-                    },
+                    version: FirmwareVersion { major: u16::MAX, minor: u16::MAX, patch: u16::MAX },
                     secure_version: u32::MAX,
                     chip: Chip::Host,
                     image_size: u32::MAX,
@@ -159,10 +151,7 @@ mod tests {
         assert_eq!(OtaRecord::decode(&[]), Err(OtaError::Encoding));
         buf[0] = OTA_RECORD_FORMAT + 1;
         assert_eq!(OtaRecord::decode(&buf[..len]), Err(OtaError::RecordFormat));
-        assert_eq!(
-            original.encode(&mut [0u8; 20]),
-            Err(OtaError::BufferTooSmall)
-        );
+        assert_eq!(original.encode(&mut [0u8; 20]), Err(OtaError::BufferTooSmall));
         assert_eq!(original.encode(&mut []), Err(OtaError::BufferTooSmall));
     }
 
@@ -172,26 +161,11 @@ mod tests {
             (OtaPhase::Downloading, OtaStateKind::Downloading),
             (OtaPhase::Verifying, OtaStateKind::Verifying),
             (OtaPhase::ReadyToReboot, OtaStateKind::ReadyToReboot),
-            (
-                OtaPhase::PendingConfirmation,
-                OtaStateKind::PendingConfirmation,
-            ),
-            (
-                OtaPhase::Finished(OtaOutcome::Confirmed),
-                OtaStateKind::Confirmed,
-            ),
-            (
-                OtaPhase::Finished(OtaOutcome::SelfTestFailed),
-                OtaStateKind::RolledBack,
-            ),
-            (
-                OtaPhase::Finished(OtaOutcome::RolledBack),
-                OtaStateKind::RolledBack,
-            ),
-            (
-                OtaPhase::Finished(OtaOutcome::DigestMismatch),
-                OtaStateKind::Failed,
-            ),
+            (OtaPhase::PendingConfirmation, OtaStateKind::PendingConfirmation),
+            (OtaPhase::Finished(OtaOutcome::Confirmed), OtaStateKind::Confirmed),
+            (OtaPhase::Finished(OtaOutcome::SelfTestFailed), OtaStateKind::RolledBack),
+            (OtaPhase::Finished(OtaOutcome::RolledBack), OtaStateKind::RolledBack),
+            (OtaPhase::Finished(OtaOutcome::DigestMismatch), OtaStateKind::Failed),
         ];
         for (phase, state) in cases {
             assert_eq!(record(phase).state(), state, "{phase:?}");

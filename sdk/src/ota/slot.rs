@@ -230,11 +230,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> OtaSlot for MemorySlot<B> {
         let range = self.range(0, len)?;
         let (_, lose_power) = self.begin_mutation()?;
         let target = &mut self.memory.as_mut()[range];
-        let erased = if lose_power {
-            target.len() / 2
-        } else {
-            target.len()
-        };
+        let erased = if lose_power { target.len() / 2 } else { target.len() };
         target[..erased].fill(0xff);
         if lose_power {
             return Err(MemorySlotError::PowerLoss);
@@ -287,10 +283,7 @@ mod tests {
         slot.write(0, &[1; 4]).unwrap();
         assert_eq!(slot.write(4, &[2; 8]), Err(MemorySlotError::PowerLoss));
         assert!(slot.power_lost());
-        assert_eq!(
-            &slot.contents()[4..12],
-            &[2, 2, 2, 2, 0xa7, 0xa7, 0xa7, 0xa7]
-        );
+        assert_eq!(&slot.contents()[4..12], &[2, 2, 2, 2, 0xa7, 0xa7, 0xa7, 0xa7]);
         assert_eq!(slot.write(0, &[3]), Err(MemorySlotError::PowerLoss));
         assert_eq!(slot.read(0, &mut [0; 1]), Err(MemorySlotError::PowerLoss));
         assert_eq!(slot.mutations(), 2);
@@ -328,10 +321,7 @@ mod tests {
         slot.read(2, &mut buf).unwrap();
         assert_eq!(buf, [1, 0x11, 1]);
         assert_eq!(slot.read(6, &mut buf), Err(MemorySlotError::OutOfBounds));
-        assert_eq!(
-            slot.write(u32::MAX, &[1]),
-            Err(MemorySlotError::OutOfBounds)
-        );
+        assert_eq!(slot.write(u32::MAX, &[1]), Err(MemorySlotError::OutOfBounds));
     }
 
     /// A RAM `embedded_storage::Storage`.

@@ -166,11 +166,7 @@ mod tests {
 
     fn manifest_for(image: &[u8]) -> Manifest {
         Manifest {
-            version: FirmwareVersion {
-                major: 1,
-                minor: 0,
-                patch: 0,
-            },
+            version: FirmwareVersion { major: 1, minor: 0, patch: 0 },
             secure_version: 0,
             chip: Chip::Esp32c3,
             image_size: image.len() as u32,
@@ -210,11 +206,7 @@ mod tests {
 
     #[test]
     fn target_policy() {
-        let running = FirmwareVersion {
-            major: 1,
-            minor: 0,
-            patch: 0,
-        };
+        let running = FirmwareVersion { major: 1, minor: 0, patch: 0 };
         let mut config = OtaConfig::new([0; 32], Chip::Esp32c3, running, 5);
         let mut manifest = manifest_for(&[1, 2, 3]);
         manifest.secure_version = 5;

@@ -21,8 +21,7 @@ pub const SIGNATURE_LEN: usize = 64;
 /// Domain separation prefix of the signed manifest message.
 pub const MANIFEST_SIGNING_CONTEXT: &[u8; 24] = b"wildcam-ota-manifest-v1\0";
 /// Longest message [`Manifest::signing_bytes`] produces.
-pub const MANIFEST_SIGNING_LEN_MAX: usize =
-    MANIFEST_SIGNING_CONTEXT.len() + Manifest::POSTCARD_MAX_SIZE;
+pub const MANIFEST_SIGNING_LEN_MAX: usize = MANIFEST_SIGNING_CONTEXT.len() + Manifest::POSTCARD_MAX_SIZE;
 
 /// What a firmware image is, as signed by the firmware signing key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
@@ -132,8 +131,7 @@ impl SignedManifest {
     /// Checks the signature (strict ed25519) against the firmware signing
     /// public key baked into the firmware, and returns the manifest if valid.
     pub fn verify(&self, signing_public_key: &[u8; 32]) -> Result<&Manifest, OtaError> {
-        let key =
-            VerifyingKey::from_bytes(signing_public_key).map_err(|_| OtaError::SignatureInvalid)?;
+        let key = VerifyingKey::from_bytes(signing_public_key).map_err(|_| OtaError::SignatureInvalid)?;
         let mut buf = [0u8; MANIFEST_SIGNING_LEN_MAX];
         let message = self.manifest.signing_bytes(&mut buf)?;
         let signature = Signature::from_bytes(&self.signature.0);
@@ -289,11 +287,7 @@ mod tests {
 
     fn max_manifest() -> Manifest {
         Manifest {
-            version: FirmwareVersion {
-                major: u16::MAX,
-                minor: u16::MAX,
-                patch: u16::MAX,
-            },
+            version: FirmwareVersion { major: u16::MAX, minor: u16::MAX, patch: u16::MAX },
             secure_version: u32::MAX,
             chip: Chip::Host,
             image_size: u32::MAX,
@@ -305,10 +299,7 @@ mod tests {
     fn signed(manifest: Manifest, key: &SigningKey) -> SignedManifest {
         let mut buf = [0u8; MANIFEST_SIGNING_LEN_MAX];
         let signature = key.sign(manifest.signing_bytes(&mut buf).unwrap());
-        SignedManifest {
-            manifest,
-            signature: ManifestSignature(signature.to_bytes()),
-        }
+        SignedManifest { manifest, signature: ManifestSignature(signature.to_bytes()) }
     }
 
     fn encoded_len<T: Serialize>(value: &T) -> usize {
@@ -323,10 +314,7 @@ mod tests {
         let bytes = postcard::to_slice(&signature, &mut buf).unwrap();
         assert_eq!(bytes.len(), ManifestSignature::POSTCARD_MAX_SIZE);
         assert_eq!(bytes, &signature.0[..]);
-        assert_eq!(
-            postcard::from_bytes::<ManifestSignature>(bytes).unwrap(),
-            signature
-        );
+        assert_eq!(postcard::from_bytes::<ManifestSignature>(bytes).unwrap(), signature);
         assert!(postcard::from_bytes::<ManifestSignature>(&bytes[..63]).is_err());
     }
 
@@ -334,10 +322,7 @@ mod tests {
     fn signature_round_trips_through_json() {
         let signature = ManifestSignature([9; SIGNATURE_LEN]);
         let json = serde_json::to_string(&signature).unwrap();
-        assert_eq!(
-            serde_json::from_str::<ManifestSignature>(&json).unwrap(),
-            signature
-        );
+        assert_eq!(serde_json::from_str::<ManifestSignature>(&json).unwrap(), signature);
         let short = serde_json::to_string(&[9u8; 63].as_slice()).unwrap();
         assert!(serde_json::from_str::<ManifestSignature>(&short).is_err());
         let long = serde_json::to_string(&[9u8; 65].as_slice()).unwrap();
@@ -351,37 +336,18 @@ mod tests {
         assert_eq!(encoded_len(&manifest), Manifest::POSTCARD_MAX_SIZE);
         let signed = signed(manifest, &key);
         assert_eq!(encoded_len(&signed), SignedManifest::POSTCARD_MAX_SIZE);
-        let offer = OtaOffer {
-            rollout_id: u32::MAX,
-            manifest: signed,
-            chunk_len: u16::MAX,
-        };
+        let offer = OtaOffer { rollout_id: u32::MAX, manifest: signed, chunk_len: u16::MAX };
         assert_eq!(encoded_len(&offer), OtaOffer::POSTCARD_MAX_SIZE);
-        let request = ChunkRequest {
-            rollout_id: u32::MAX,
-            offset: u32::MAX,
-            len: u16::MAX,
-        };
+        let request = ChunkRequest { rollout_id: u32::MAX, offset: u32::MAX, len: u16::MAX };
         assert_eq!(encoded_len(&request), ChunkRequest::POSTCARD_MAX_SIZE);
         let mut data = heapless::Vec::new();
         data.resize(OTA_CHUNK_LEN_MAX, 0xff).unwrap();
-        let chunk = Chunk {
-            rollout_id: u32::MAX,
-            offset: u32::MAX,
-            data,
-        };
+        let chunk = Chunk { rollout_id: u32::MAX, offset: u32::MAX, data };
         assert_eq!(encoded_len(&chunk), Chunk::POSTCARD_MAX_SIZE);
-        let progress = OtaProgress {
-            rollout_id: u32::MAX,
-            offset: u32::MAX,
-            state: OtaStateKind::Failed,
-        };
+        let progress = OtaProgress { rollout_id: u32::MAX, offset: u32::MAX, state: OtaStateKind::Failed };
         assert_eq!(encoded_len(&progress), OtaProgress::POSTCARD_MAX_SIZE);
-        let result = OtaResult {
-            rollout_id: u32::MAX,
-            version: max_manifest().version,
-            outcome: OtaOutcome::Busy,
-        };
+        let result =
+            OtaResult { rollout_id: u32::MAX, version: max_manifest().version, outcome: OtaOutcome::Busy };
         assert_eq!(encoded_len(&result), OtaResult::POSTCARD_MAX_SIZE);
     }
 
@@ -395,14 +361,8 @@ mod tests {
         assert_eq!(context, MANIFEST_SIGNING_CONTEXT);
         assert_eq!(postcard::from_bytes::<Manifest>(body).unwrap(), manifest);
         let mut small = [0u8; MANIFEST_SIGNING_LEN_MAX - 1];
-        assert_eq!(
-            manifest.signing_bytes(&mut small),
-            Err(OtaError::BufferTooSmall)
-        );
-        assert_eq!(
-            manifest.signing_bytes(&mut [0u8; 10]),
-            Err(OtaError::BufferTooSmall)
-        );
+        assert_eq!(manifest.signing_bytes(&mut small), Err(OtaError::BufferTooSmall));
+        assert_eq!(manifest.signing_bytes(&mut [0u8; 10]), Err(OtaError::BufferTooSmall));
     }
 
     #[test]
@@ -427,13 +387,7 @@ mod tests {
         let mut buf = [0u8; MANIFEST_SIGNING_LEN_MAX];
         let body = postcard::to_slice(&manifest, &mut buf).unwrap();
         let signature = ManifestSignature(key.sign(body).to_bytes());
-        let bare = SignedManifest {
-            manifest,
-            signature,
-        };
-        assert_eq!(
-            bare.verify(&key.verifying_key().to_bytes()),
-            Err(OtaError::SignatureInvalid)
-        );
+        let bare = SignedManifest { manifest, signature };
+        assert_eq!(bare.verify(&key.verifying_key().to_bytes()), Err(OtaError::SignatureInvalid));
     }
 }
