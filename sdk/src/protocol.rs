@@ -757,9 +757,7 @@ impl Message for SealedCredentials {
     }
 }
 
-pub use crate::ota::{
-    Chunk as OtaChunk, ChunkRequest as OtaChunkRequest, OtaOffer, OtaProgress, OtaResult,
-};
+pub use crate::ota::{Chunk as OtaChunk, ChunkRequest as OtaChunkRequest, OtaOffer, OtaProgress, OtaResult};
 
 impl Message for OtaOffer {
     const KIND: MessageKind = MessageKind::OtaOffer;

@@ -1,11 +1,16 @@
 //! Claiming a device and agreeing its session key.
 //!
 //! A factory-fresh device has an ed25519 identity key (from a 32-byte seed in
-//! secure storage) and, unless its identity is on a factory allow-list, a claim
-//! token. It picks a random [`SessionId`] and talks to the fleet server on
-//! `wc/v1/prov/{session}/up|down`:
+//! secure storage) and, unless its identity is on a factory allow-list, a
+//! [`ClaimToken`] `{token_id}.{secret}`. The `token_id` is public: it only lets
+//! the server find the token. The `secret` never leaves the device; the device
+//! proves it knows it. The device picks a random [`SessionId`] and talks to the
+//! fleet server on `wc/v1/prov/{session}/up|down`:
 //!
-//! 1. device → server: [`ClaimRequest`] `{ claim, identity_key }`.
+//! 1. device → server: [`ClaimRequest`] `{ claim_id, identity_key }`, where
+//!    `claim_id` is the token's `token_id`, or empty when the device relies on
+//!    the allow-list. The server looks the token up by id (or checks the
+//!    allow-list) before answering.
 //! 2. server → device: [`ClaimChallenge`] `{ nonce, server_agreement_key,
 //!    server_signature }`, where `server_agreement_key` is an ephemeral X25519
 //!    public key and `server_signature` is the fleet server's ed25519 signature
@@ -17,13 +22,18 @@
 //!    `agreement_key` is the device's ephemeral X25519 public key and
 //!    `signature` is its ed25519 signature over `SHA-256("wildcam v1 claim
 //!    proof\0" || nonce || server_agreement_key || agreement_key ||
-//!    identity_key || SHA-256(claim))`. It proves possession of the identity
-//!    key and binds the key agreement and the claim token to it.
+//!    identity_key || claim_binding)`. The `claim_binding` is
+//!    `SHA-256("wildcam v1 claim secret\0" || secret)` with a token, and 32
+//!    zero bytes (the "no token" marker) on the allow-list path. The proof
+//!    shows possession of the identity key and of the token secret, and binds
+//!    both to the key agreement.
 //! 4. Both sides: `shared = X25519(own ephemeral secret, peer ephemeral
 //!    public)`, refused when all zero (non-contributory); the
 //!    [`SessionKey`] is `HKDF-SHA256(salt = nonce, ikm = shared, info =
 //!    "wildcam v1 session key" || identity_key || agreement_key ||
-//!    server_agreement_key)`.
+//!    server_agreement_key)`. The server computes it in
+//!    [`PendingClaim::verify`], given the token it looked up by `claim_id`
+//!    (or none on the allow-list path), only when the proof verifies.
 //! 5. server → device: either [`Credentials`] `{ device_id, mqtt_password }`,
 //!    postcard-encoded and sealed ([`crate::seal`], direction down, context =
 //!    the session id bytes) so the MQTT password never travels in clear, or
@@ -46,19 +56,23 @@
 //! # fn main() -> Result<(), ProvisionError> {
 //! let server = ServerIdentity::from_seed([2; 32]); // from the server's secret store
 //! let session = SessionId::from_random([1; 8]); // all "random" values: use an RNG
-//! let claim = ClaimToken::try_from("claim-7f3a").expect("short token");
+//! // Printed on the device's label or written at the factory; the part after
+//! // the dot is the secret (16+ random bytes, base64url).
+//! let claim = ClaimToken::parse("k7Qm2x.Yq3vN8rT0bWc5LdE1fHs9A")?;
 //! let identity = DeviceIdentity::from_seed([1; 32]);
-//! let mut device = Provisioner::new(identity, claim, session, [3; 32], Some(server.public_key()));
+//! let mut device = Provisioner::new(identity, Some(claim), session, [3; 32], Some(server.public_key()));
 //!
-//! // 1. device → server
+//! // 1. device → server: only the token id travels
 //! let request = device.request();
-//! // 2. server → device, once the server accepted `request.claim`
+//! assert_eq!(request.claim_id, "k7Qm2x");
+//! // 2. server → device, once the server found the token by `request.claim_id`
+//! let stored = ClaimToken::parse("k7Qm2x.Yq3vN8rT0bWc5LdE1fHs9A")?; // from its database
 //! let ServerChallenge { challenge, pending } =
 //!     ServerChallenge::new(&server, [4; 32], [5; 32], request.identity_key);
 //! // 3. device → server
 //! let proof = device.on_challenge(&challenge)?;
-//! // 4. the server checks the proof and derives the same key
-//! let key = pending.verify(&request.claim, &proof)?;
+//! // 4. the server checks the proof against the stored token and derives the same key
+//! let key = pending.verify(Some(&stored), &proof)?;
 //! // 5. server → device
 //! let credentials = Credentials {
 //!     device_id: "trap-0042".parse().expect("valid id"),
@@ -74,20 +88,37 @@
 //!
 //! # Security notes
 //!
+//! - The token secret never travels. An eavesdropper on the broker (any
+//!   client subscribed to `wc/v1/prov/+/up`, since the broker has no per-topic
+//!   authorization) sees only the token id, the public keys, the nonce and the
+//!   device's signature. The signature lets it test a guessed secret offline
+//!   (one SHA-256 and one ed25519 verification per guess), so the secret must
+//!   carry at least 128 bits of entropy (see [`ClaimToken`]): then offline
+//!   guessing is infeasible. A short or human-chosen secret would be found.
+//! - Knowing the token id does not let another client claim: its proof must be
+//!   signed by the identity key it announced and bind the secret. Racing with a
+//!   copied id only yields [`ProvisionError::ProofInvalid`] on the server. The
+//!   server must therefore consume a token (bind it to the identity) only after
+//!   a proof verifies, never on a request or a failed proof, and should rate
+//!   limit failed proofs per token id so copied ids cannot be used for online
+//!   guessing or to lock a token out.
+//! - The server needs the secret (or [`ClaimToken::secret_digest`]) to verify
+//!   proofs: both let anyone claim with the token, so store them like any
+//!   other credential and expire used tokens.
 //! - A [`PendingClaim`] must be used once: [`PendingClaim::verify`] consumes
 //!   it. Refusing a reused nonce, rate limiting and the token bookkeeping
 //!   (unknown, expired, exhausted, allow-list, revocation) are the server's job.
+//!   The server must verify with the token found by the `claim_id` of the
+//!   request that created the pending claim, and use the allow-list path
+//!   (`None`) only when that `claim_id` was empty and the identity is listed.
 //! - [`ClaimRejected`] is not authenticated: any broker client can publish one.
 //!   A device must treat it as "this attempt ended", retry later with backoff
 //!   and a fresh session and randomness, and never as a permanent verdict.
-//! - The claim token travels in clear in the [`ClaimRequest`], so any client
-//!   of the broker can read it. Tokens should be single-use and bound by the
-//!   server to the first identity key that proves possession.
 //! - Without pinning, a device cannot tell the real server from an impostor on
 //!   the broker: it answers the first challenge it receives and then waits for
 //!   credentials the real server will never send, so the firmware needs a
-//!   timeout and retry. Configure the server key whenever the firmware can
-//!   carry it.
+//!   timeout and retry. An impostor learns no more about the secret than an
+//!   eavesdropper. Configure the server key whenever the firmware can carry it.
 
 use core::fmt;
 
@@ -104,8 +135,13 @@ use zeroize::Zeroize;
 use crate::seal::{self, ReplayWindow, SEAL_OVERHEAD, SESSION_KEY_LEN, SealError, Sealer, SessionKey};
 use crate::topic::{DeviceId, Direction, SessionId};
 
-/// Longest claim token, in bytes.
+/// Longest claim token `{token_id}.{secret}`, in bytes.
 pub const CLAIM_TOKEN_LEN_MAX: usize = 64;
+/// Longest claim token id, in bytes.
+pub const CLAIM_ID_LEN_MAX: usize = 24;
+/// Shortest claim token secret, in bytes: 22 base64url characters carry 132
+/// bits, enough for the 128 random bits a secret must hold.
+pub const CLAIM_SECRET_LEN_MIN: usize = 22;
 /// Longest MQTT password, in bytes.
 pub const MQTT_PASSWORD_LEN_MAX: usize = 64;
 /// Length of an ed25519 signature.
@@ -113,13 +149,17 @@ pub const SIGNATURE_LEN: usize = 64;
 /// Longest sealed [`Credentials`] frame, in bytes.
 pub const CREDENTIALS_FRAME_LEN_MAX: usize = Credentials::POSTCARD_MAX_SIZE + SEAL_OVERHEAD;
 
-/// A claim token (empty when the identity is on a factory allow-list).
-pub type ClaimToken = heapless::String<CLAIM_TOKEN_LEN_MAX>;
+/// The public id of a claim token (empty in a [`ClaimRequest`] that relies on
+/// the allow-list).
+pub type ClaimId = heapless::String<CLAIM_ID_LEN_MAX>;
 /// The password the device uses to connect to the broker.
 pub type MqttPassword = heapless::String<MQTT_PASSWORD_LEN_MAX>;
 
 const CHALLENGE_DOMAIN: &[u8] = b"wildcam v1 claim challenge\0";
 const PROOF_DOMAIN: &[u8] = b"wildcam v1 claim proof\0";
+const CLAIM_SECRET_DOMAIN: &[u8] = b"wildcam v1 claim secret\0";
+/// The claim binding of the allow-list path (no token).
+const NO_CLAIM_BINDING: [u8; 32] = [0; 32];
 const SESSION_KEY_INFO: &[u8] = b"wildcam v1 session key";
 const CREDENTIALS_KEY_INFO: &[u8] = b"wildcam v1 credentials key";
 
@@ -140,7 +180,7 @@ pub enum ProvisionError {
     /// The device identity key is not a valid ed25519 key.
     IdentityKeyInvalid,
     /// The claim proof's signature does not verify (wrong identity, claim
-    /// token, nonce or keys, or tampered).
+    /// token secret, nonce or keys, or tampered).
     ProofInvalid,
     /// The X25519 shared secret is all zero (low-order peer key).
     KeyAgreementWeak,
@@ -150,6 +190,17 @@ pub enum ProvisionError {
     CredentialsMalformed,
     /// The output buffer is too small for the sealed credentials.
     BufferTooSmall,
+    /// The claim token has no `.` between its id and its secret.
+    ClaimTokenMalformed,
+    /// The claim token is longer than [`CLAIM_TOKEN_LEN_MAX`].
+    ClaimTokenTooLong,
+    /// The claim token id is empty or longer than [`CLAIM_ID_LEN_MAX`].
+    ClaimIdLengthInvalid,
+    /// The claim token holds a byte outside `[A-Za-z0-9_-]` (besides the one
+    /// `.` separating id and secret).
+    ClaimTokenBadCharacter,
+    /// The claim token secret is shorter than [`CLAIM_SECRET_LEN_MIN`].
+    ClaimSecretTooShort,
 }
 
 impl fmt::Display for ProvisionError {
@@ -165,6 +216,11 @@ impl fmt::Display for ProvisionError {
             Self::CredentialsUnauthentic => "credentials frame failed authentication",
             Self::CredentialsMalformed => "credentials frame does not decode",
             Self::BufferTooSmall => "output buffer too small for the sealed credentials",
+            Self::ClaimTokenMalformed => "claim token must be {token_id}.{secret}",
+            Self::ClaimTokenTooLong => "claim token is longer than 64 bytes",
+            Self::ClaimIdLengthInvalid => "claim token id must be 1 to 24 characters",
+            Self::ClaimTokenBadCharacter => "claim token may only contain A-Z a-z 0-9 _ - and one '.'",
+            Self::ClaimSecretTooShort => "claim token secret is shorter than 22 characters",
         })
     }
 }
@@ -216,12 +272,123 @@ impl MaxSize for Signature64 {
     const POSTCARD_MAX_SIZE: usize = SIGNATURE_LEN;
 }
 
-/// Step 1, device → server: who the device is and its claim token.
+/// A claim token `{token_id}.{secret}`, parsed; it keeps the id and a digest
+/// of the secret, never the secret itself.
+///
+/// - `token_id`: 1 to [`CLAIM_ID_LEN_MAX`] characters of `[A-Za-z0-9_-]`. It is
+///   public (sent in every [`ClaimRequest`]) and only lets the server find the
+///   token; make it random rather than sequential so ids do not reveal how
+///   many tokens exist.
+/// - `secret`: at least [`CLAIM_SECRET_LEN_MIN`] characters of
+///   `[A-Za-z0-9_-]`, the whole token at most [`CLAIM_TOKEN_LEN_MAX`] bytes.
+///   Generate it as the unpadded base64url encoding of 32 bytes (43
+///   characters; 16 bytes, 22 characters, is the minimum) from a
+///   cryptographically secure RNG. The length check cannot measure entropy:
+///   a secret that is not 128+ random bits can be guessed offline from one
+///   observed claim.
+///
+/// For example, 9 random bytes for the id and 32 for the secret give
+/// `{12 chars}.{43 chars}`, 56 bytes. `Debug` and `defmt` output show only
+/// the id; the digest is wiped on drop.
+#[derive(Clone)]
+pub struct ClaimToken {
+    id: ClaimId,
+    secret_digest: [u8; 32],
+}
+
+impl ClaimToken {
+    /// Parses and validates `{token_id}.{secret}`. Wipe your copy of `token`
+    /// once parsed; the error never contains any part of it.
+    pub fn parse(token: &str) -> Result<Self, ProvisionError> {
+        if token.len() > CLAIM_TOKEN_LEN_MAX {
+            return Err(ProvisionError::ClaimTokenTooLong);
+        }
+        let (id, secret) = token
+            .split_once('.')
+            .ok_or(ProvisionError::ClaimTokenMalformed)?;
+        if id.is_empty() || id.len() > CLAIM_ID_LEN_MAX {
+            return Err(ProvisionError::ClaimIdLengthInvalid);
+        }
+        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-');
+        if !id.bytes().chain(secret.bytes()).all(allowed) {
+            return Err(ProvisionError::ClaimTokenBadCharacter);
+        }
+        if secret.len() < CLAIM_SECRET_LEN_MIN {
+            return Err(ProvisionError::ClaimSecretTooShort);
+        }
+        let mut claim_id = ClaimId::new();
+        // Cannot fail: the length was checked above.
+        claim_id
+            .push_str(id)
+            .map_err(|_| ProvisionError::ClaimIdLengthInvalid)?;
+        Ok(Self {
+            id: claim_id,
+            secret_digest: Sha256::new()
+                .chain_update(CLAIM_SECRET_DOMAIN)
+                .chain_update(secret.as_bytes())
+                .finalize()
+                .into(),
+        })
+    }
+
+    /// The public token id, sent as [`ClaimRequest::claim_id`].
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `SHA-256("wildcam v1 claim secret\0" || secret)`, the value the claim
+    /// proof binds. As sensitive as the secret: it is all a claimant needs
+    /// besides its own identity key, so never log or publish it.
+    pub fn secret_digest(&self) -> &[u8; 32] {
+        &self.secret_digest
+    }
+}
+
+impl Drop for ClaimToken {
+    fn drop(&mut self) {
+        self.secret_digest.zeroize();
+    }
+}
+
+impl fmt::Debug for ClaimToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClaimToken")
+            .field("id", &self.id())
+            .field("secret", &"..")
+            .finish()
+    }
+}
+
+#[cfg(feature = "defmt")]
+impl defmt::Format for ClaimToken {
+    fn format(&self, f: defmt::Formatter) {
+        defmt::write!(f, "ClaimToken {{ id: {=str}, secret: .. }}", self.id())
+    }
+}
+
+impl core::str::FromStr for ClaimToken {
+    type Err = ProvisionError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+/// What the proof binds for `claim`: its secret digest, or the fixed
+/// all-zero marker without a token.
+fn claim_binding(claim: Option<&ClaimToken>) -> &[u8; 32] {
+    claim.map_or(&NO_CLAIM_BINDING, ClaimToken::secret_digest)
+}
+
+/// Step 1, device → server: who the device is and which claim token it holds.
+///
+/// Only the token's public id travels; its secret never does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 pub struct ClaimRequest {
-    /// The claim token; empty when the identity is on a factory allow-list.
-    pub claim: ClaimToken,
+    /// The claim token's id ([`ClaimToken::id`]); empty when the identity is
+    /// on a factory allow-list. Untrusted input: the server only uses it to
+    /// look the token up.
+    pub claim_id: ClaimId,
     /// The device's ed25519 public key.
     pub identity_key: [u8; 32],
 }
@@ -288,13 +455,13 @@ pub struct ClaimRejected {
 #[cfg_attr(feature = "defmt", derive(defmt::Format))]
 #[non_exhaustive]
 pub enum ClaimRejectReason {
-    /// The claim token is not known.
+    /// No claim token has this id.
     TokenUnknown,
     /// The claim token expired.
     TokenExpired,
     /// The claim token was used up.
     TokenExhausted,
-    /// The identity is not on the allow-list (empty token).
+    /// The identity is not on the allow-list (empty claim id).
     IdentityNotAllowed,
     /// The proof did not verify.
     ProofInvalid,
@@ -412,15 +579,14 @@ struct Transcript<'a> {
 }
 
 impl Transcript<'_> {
-    fn proof_digest(&self, claim: &str) -> [u8; 32] {
-        let claim_hash = Sha256::digest(claim.as_bytes());
+    fn proof_digest(&self, claim: Option<&ClaimToken>) -> [u8; 32] {
         Sha256::new()
             .chain_update(PROOF_DOMAIN)
             .chain_update(self.nonce)
             .chain_update(self.server_agreement_key)
             .chain_update(self.agreement_key)
             .chain_update(self.identity_key)
-            .chain_update(claim_hash)
+            .chain_update(claim_binding(claim))
             .finalize()
             .into()
     }
@@ -504,7 +670,7 @@ impl fmt::Debug for Provisioned {
 /// state unchanged, so a forged message cannot derail a genuine exchange.
 pub struct Provisioner {
     identity: DeviceIdentity,
-    claim: ClaimToken,
+    claim: Option<ClaimToken>,
     session: SessionId,
     server_identity: Option<[u8; 32]>,
     state: State,
@@ -513,12 +679,13 @@ pub struct Provisioner {
 impl Provisioner {
     /// Starts a claim.
     ///
-    /// `agreement_secret_random` must be 32 fresh random bytes (the ephemeral
-    /// X25519 secret); `server_identity` pins the fleet server's ed25519
-    /// public key when known.
+    /// `claim` is the device's claim token, or `None` when its identity is on
+    /// the server's allow-list. `agreement_secret_random` must be 32 fresh
+    /// random bytes (the ephemeral X25519 secret); `server_identity` pins the
+    /// fleet server's ed25519 public key when known.
     pub fn new(
         identity: DeviceIdentity,
-        claim: ClaimToken,
+        claim: Option<ClaimToken>,
         session: SessionId,
         agreement_secret_random: [u8; 32],
         server_identity: Option<[u8; 32]>,
@@ -530,8 +697,15 @@ impl Provisioner {
     }
 
     /// The request to publish on `wc/v1/prov/{session}/up` (may be resent).
+    /// It carries the token id only, never the secret.
     pub fn request(&self) -> ClaimRequest {
-        ClaimRequest { claim: self.claim.clone(), identity_key: self.identity.public_key() }
+        ClaimRequest {
+            claim_id: self
+                .claim
+                .as_ref()
+                .map_or_else(ClaimId::new, |claim| claim.id.clone()),
+            identity_key: self.identity.public_key(),
+        }
     }
 
     /// The provisioning session id (topic and seal context).
@@ -573,7 +747,10 @@ impl Provisioner {
         };
         let shared = secret.diffie_hellman(&PublicKey::from(challenge.server_agreement_key));
         let key = transcript.session_key(&shared)?;
-        let signature = self.identity.0.sign(&transcript.proof_digest(&self.claim));
+        let signature = self
+            .identity
+            .0
+            .sign(&transcript.proof_digest(self.claim.as_ref()));
         self.state = State::AwaitingCredentials(key);
         Ok(ClaimProof { agreement_key, signature })
     }
@@ -628,6 +805,7 @@ impl fmt::Debug for Provisioner {
         f.debug_struct("Provisioner")
             .field("identity", &self.identity)
             .field("session", &self.session)
+            .field("claim_id", &self.claim.as_ref().map(ClaimToken::id))
             .field("pinned", &self.server_identity.is_some())
             .field("state", &self.state())
             .finish_non_exhaustive()
@@ -669,8 +847,9 @@ pub struct ServerChallenge {
 }
 
 impl ServerChallenge {
-    /// Answers a [`ClaimRequest`] for `identity_key`, after the server
-    /// checked its claim token or allow-list.
+    /// Answers a [`ClaimRequest`] for `identity_key`, after the server found
+    /// a usable token with the request's `claim_id` (or, for an empty
+    /// `claim_id`, the identity on its allow-list).
     ///
     /// `nonce` and `agreement_secret` must be fresh random bytes, never reused.
     pub fn new(
@@ -717,9 +896,17 @@ impl PendingClaim {
         self.nonce
     }
 
-    /// Verifies the device's proof for `claim_token` (the token from its
-    /// request) and derives the session key.
-    pub fn verify(self, claim_token: &str, proof: &ClaimProof) -> Result<SessionKey, ProvisionError> {
+    /// Verifies the device's proof and derives the session key.
+    ///
+    /// `claim` is the full token the server stored and looked up by the
+    /// request's `claim_id` (parse it with [`ClaimToken::parse`]), or `None`
+    /// on the allow-list path (empty `claim_id`). A proof made without the
+    /// token's secret fails with [`ProvisionError::ProofInvalid`].
+    pub fn verify(
+        self,
+        claim: Option<&ClaimToken>,
+        proof: &ClaimProof,
+    ) -> Result<SessionKey, ProvisionError> {
         let device =
             VerifyingKey::from_bytes(&self.identity_key).map_err(|_| ProvisionError::IdentityKeyInvalid)?;
         let transcript = Transcript {
@@ -730,7 +917,7 @@ impl PendingClaim {
         };
         let signature = Signature::from_bytes(&proof.signature.0);
         device
-            .verify_strict(&transcript.proof_digest(claim_token), &signature)
+            .verify_strict(&transcript.proof_digest(claim), &signature)
             .map_err(|_| ProvisionError::ProofInvalid)?;
         let shared = self
             .secret
@@ -789,19 +976,19 @@ mod tests {
     const NONCE: [u8; 32] = [3; 32];
     const SERVER_SECRET: [u8; 32] = [4; 32];
     const DEVICE_SECRET: [u8; 32] = [5; 32];
-    const TOKEN: &str = "claim-7f3a";
+    const TOKEN: &str = "tok_7f3a.Zk2mQ9vX4rT1nB8cL5wY0eH3";
 
     fn session() -> SessionId {
         SessionId::from_random([0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4])
     }
 
-    fn token(text: &str) -> ClaimToken {
-        ClaimToken::try_from(text).unwrap()
+    fn token() -> ClaimToken {
+        ClaimToken::parse(TOKEN).unwrap()
     }
 
     fn device(pinned: Option<[u8; 32]>) -> Provisioner {
         let identity = DeviceIdentity::from_seed(DEVICE_SEED);
-        Provisioner::new(identity, token(TOKEN), session(), DEVICE_SECRET, pinned)
+        Provisioner::new(identity, Some(token()), session(), DEVICE_SECRET, pinned)
     }
 
     fn server() -> ServerIdentity {
@@ -832,7 +1019,8 @@ mod tests {
         let request = device.request();
         let (challenge, pending) = challenge_for(&request);
         let proof = device.on_challenge(&challenge).unwrap();
-        let key = pending.verify(&request.claim, &proof).unwrap();
+        assert_eq!(request.claim_id, "tok_7f3a");
+        let key = pending.verify(Some(&token()), &proof).unwrap();
         (device, key)
     }
 
@@ -857,12 +1045,12 @@ mod tests {
     fn session_key_depends_on_every_random_input() {
         let (_, base) = claimed(None);
         let mut device =
-            Provisioner::new(DeviceIdentity::from_seed(DEVICE_SEED), token(TOKEN), session(), [9; 32], None);
+            Provisioner::new(DeviceIdentity::from_seed(DEVICE_SEED), Some(token()), session(), [9; 32], None);
         let request = device.request();
         let (challenge, pending) =
             ServerChallenge::new(&server(), [8; 32], SERVER_SECRET, request.identity_key).into_parts();
         let proof = device.on_challenge(&challenge).unwrap();
-        let other = pending.verify(TOKEN, &proof).unwrap();
+        let other = pending.verify(Some(&token()), &proof).unwrap();
         assert_ne!(base.as_bytes(), other.as_bytes());
     }
 
@@ -882,17 +1070,46 @@ mod tests {
         let victim = device(None).request();
         let (challenge, pending) = challenge_for(&victim);
         let identity = DeviceIdentity::from_seed([0x66; 32]);
-        let mut attacker = Provisioner::new(identity, token(TOKEN), session(), DEVICE_SECRET, None);
+        let mut attacker = Provisioner::new(identity, Some(token()), session(), DEVICE_SECRET, None);
         let proof = attacker.on_challenge(&challenge).unwrap();
-        assert_eq!(pending.verify(TOKEN, &proof).map(|_| ()), Err(ProvisionError::ProofInvalid));
+        assert_eq!(pending.verify(Some(&token()), &proof).map(|_| ()), Err(ProvisionError::ProofInvalid));
     }
 
     #[test]
     fn proof_for_another_claim_token_is_refused() {
-        let mut device = device(None);
-        let (challenge, pending) = challenge_for(&device.request());
+        let other_secret = ClaimToken::parse("tok_7f3a.Zk2mQ9vX4rT1nB8cL5wY0eH4").unwrap();
+        for stored in [Some(&other_secret), None] {
+            let mut device = device(None);
+            let (challenge, pending) = challenge_for(&device.request());
+            let proof = device.on_challenge(&challenge).unwrap();
+            assert_eq!(pending.verify(stored, &proof).map(|_| ()), Err(ProvisionError::ProofInvalid));
+        }
+    }
+
+    #[test]
+    fn allow_list_proof_needs_the_allow_list_path() {
+        let identity = DeviceIdentity::from_seed(DEVICE_SEED);
+        let mut device = Provisioner::new(identity, None, session(), DEVICE_SECRET, None);
+        let request = device.request();
+        assert!(request.claim_id.is_empty());
+        let (challenge, pending) = challenge_for(&request);
         let proof = device.on_challenge(&challenge).unwrap();
-        assert_eq!(pending.verify("claim-other", &proof).map(|_| ()), Err(ProvisionError::ProofInvalid));
+        assert_eq!(pending.verify(Some(&token()), &proof).map(|_| ()), Err(ProvisionError::ProofInvalid));
+        let (_, pending) = challenge_for(&request);
+        assert!(pending.verify(None, &proof).is_ok());
+    }
+
+    #[test]
+    fn claim_binding_is_the_domain_separated_secret_digest() {
+        let expected: [u8; 32] = Sha256::new()
+            .chain_update(b"wildcam v1 claim secret\0")
+            .chain_update(b"Zk2mQ9vX4rT1nB8cL5wY0eH3")
+            .finalize()
+            .into();
+        assert_eq!(claim_binding(Some(&token())), &expected);
+        assert_eq!(claim_binding(None), &[0; 32]);
+        let plain: [u8; 32] = Sha256::digest(b"Zk2mQ9vX4rT1nB8cL5wY0eH3").into();
+        assert_ne!(token().secret_digest(), &plain);
     }
 
     #[test]
@@ -906,7 +1123,10 @@ mod tests {
         bad_agreement.agreement_key[0] ^= 1;
         for forged in [bad_signature, bad_agreement] {
             let (_, pending) = challenge_for(&request);
-            assert_eq!(pending.verify(TOKEN, &forged).map(|_| ()), Err(ProvisionError::ProofInvalid));
+            assert_eq!(
+                pending.verify(Some(&token()), &forged).map(|_| ()),
+                Err(ProvisionError::ProofInvalid)
+            );
         }
     }
 
@@ -918,7 +1138,10 @@ mod tests {
             .unwrap();
         let (_, pending) = ServerChallenge::new(&server(), NONCE, SERVER_SECRET, not_a_point).into_parts();
         let proof = ClaimProof { agreement_key: [9; 32], signature: Signature64([0; 64]) };
-        assert_eq!(pending.verify(TOKEN, &proof).map(|_| ()), Err(ProvisionError::IdentityKeyInvalid));
+        assert_eq!(
+            pending.verify(Some(&token()), &proof).map(|_| ()),
+            Err(ProvisionError::IdentityKeyInvalid)
+        );
     }
 
     #[test]
@@ -941,7 +1164,7 @@ mod tests {
             assert_eq!(device.on_challenge(&forged), Err(ProvisionError::ServerSignatureInvalid));
         }
         let proof = device.on_challenge(&challenge).unwrap();
-        assert!(pending.verify(TOKEN, &proof).is_ok());
+        assert!(pending.verify(Some(&token()), &proof).is_ok());
     }
 
     #[test]
@@ -972,7 +1195,7 @@ mod tests {
         let (challenge, pending) = challenge_for(&device.request());
         let proof = device.on_challenge(&challenge).unwrap();
         assert_eq!(device.on_challenge(&challenge), Err(ProvisionError::OutOfOrder));
-        let key = pending.verify(TOKEN, &proof).unwrap();
+        let key = pending.verify(Some(&token()), &proof).unwrap();
         device
             .on_credentials(&mut sealed_credentials(&key))
             .unwrap();
@@ -1048,11 +1271,17 @@ mod tests {
     #[test]
     fn messages_round_trip_within_their_max_size() {
         let mut device = device(None);
-        let long = "t".repeat(CLAIM_TOKEN_LEN_MAX);
-        let request = ClaimRequest { claim: token(&long), identity_key: device.request().identity_key };
+        let long = "t".repeat(CLAIM_ID_LEN_MAX);
+        let token = ClaimToken::parse(&std::format!("{long}.{}", "s".repeat(39))).unwrap();
+        assert_eq!(token.id(), long);
+        let request = ClaimRequest {
+            claim_id: ClaimId::try_from(token.id()).unwrap(),
+            identity_key: device.request().identity_key,
+        };
         let (challenge, _) = challenge_for(&request);
         let proof = device.on_challenge(&challenge).unwrap();
         assert_postcard_round_trip(&request, true);
+        assert_eq!(ClaimRequest::POSTCARD_MAX_SIZE, 1 + CLAIM_ID_LEN_MAX + 32);
         assert_postcard_round_trip(&challenge, true);
         assert_postcard_round_trip(&proof, true);
         let full = Credentials {

@@ -21,16 +21,26 @@ fn message_table() -> String {
     for kind in MessageKind::ALL {
         let max = kind.encoded_len_max();
         let (direction, topic, sealed) = match kind.route() {
-            Route::Device(Direction::Up, suffix) => ("device → server", format!("`wc/v1/dev/{{id}}/up/{suffix}`"), max + SEAL_OVERHEAD),
+            Route::Device(Direction::Up, suffix) => {
+                ("device → server", format!("`wc/v1/dev/{{id}}/up/{suffix}`"), max + SEAL_OVERHEAD)
+            }
             Route::Device(Direction::Down, suffix) => {
                 ("server → device", format!("`wc/v1/dev/{{id}}/down/{suffix}`"), max + SEAL_OVERHEAD)
             }
             Route::Provision(Direction::Up) => ("device → server", "`wc/v1/prov/{session}/up`".into(), max),
-            Route::Provision(Direction::Down) => ("server → device", "`wc/v1/prov/{session}/down`".into(), max),
+            Route::Provision(Direction::Down) => {
+                ("server → device", "`wc/v1/prov/{session}/down`".into(), max)
+            }
         };
-        let sealed = if matches!(kind.route(), Route::Device(..)) { sealed.to_string() } else { "in clear".into() };
-        writeln!(table, "| `0x{:02x}` | `{}` | {direction} | {topic} | {max} | {sealed} |", *kind as u8, kind.name())
-            .unwrap();
+        let sealed =
+            if matches!(kind.route(), Route::Device(..)) { sealed.to_string() } else { "in clear".into() };
+        writeln!(
+            table,
+            "| `0x{:02x}` | `{}` | {direction} | {topic} | {max} | {sealed} |",
+            *kind as u8,
+            kind.name()
+        )
+        .unwrap();
     }
     table
 }
@@ -42,7 +52,10 @@ fn typical_sizes() -> String {
     let mut sealer = Sealer::new(SessionKey::from_bytes([7; 32]), Direction::Up);
     let device = DeviceId::new("trap-0042").unwrap();
     let mut frame = [0u8; protocol::Detection::ENCODED_LEN_MAX + SEAL_OVERHEAD];
-    let sealed = sealer.seal(device.as_bytes(), &buf[..envelope], &mut frame).unwrap().len;
+    let sealed = sealer
+        .seal(device.as_bytes(), &buf[..envelope], &mut frame)
+        .unwrap()
+        .len;
     let json = serde_json::to_string(&detection).unwrap();
     format!(
         "| encoding | bytes |\n|---|---|\n\
@@ -57,12 +70,20 @@ fn typical_sizes() -> String {
 
 /// Replaces, or checks, the text between the markers named `section`.
 fn check_section(doc: &str, section: &str, generated: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(doc);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(doc);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let begin = format!("<!-- BEGIN GENERATED: {section} -->\n");
     let end = format!("<!-- END GENERATED: {section} -->");
-    let start = text.find(&begin).unwrap_or_else(|| panic!("{doc} lacks {begin:?}")) + begin.len();
-    let stop = start + text[start..].find(&end).unwrap_or_else(|| panic!("{doc} lacks {end:?}"));
+    let start = text
+        .find(&begin)
+        .unwrap_or_else(|| panic!("{doc} lacks {begin:?}"))
+        + begin.len();
+    let stop = start
+        + text[start..]
+            .find(&end)
+            .unwrap_or_else(|| panic!("{doc} lacks {end:?}"));
     if std::env::var_os("UPDATE_DOCS").is_some() {
         let updated = format!("{}{generated}{}", &text[..start], &text[stop..]);
         std::fs::write(&path, updated).unwrap();
@@ -88,6 +109,8 @@ fn benchmarks_md_typical_detection_is_current() {
 #[test]
 fn typical_detection_is_small() {
     let mut buf = [0u8; protocol::Detection::ENCODED_LEN_MAX];
-    let len = protocol::encode(&typical_detection(), &mut buf).unwrap().len();
+    let len = protocol::encode(&typical_detection(), &mut buf)
+        .unwrap()
+        .len();
     assert!(len <= 48, "typical detection is {len} bytes");
 }

@@ -21,4 +21,3 @@ pub fn typical_detection() -> Detection {
         battery_mv: 3_912,
     }
 }
-
