@@ -267,3 +267,185 @@ fn capture_windows_wrap_midnight() {
     assert!(day.contains(12 * 60));
     assert!(!day.contains(18 * 60));
 }
+
+mod ota_and_provisioning {
+    use super::*;
+    use proptest::sample::select;
+    use wildcam_sdk::ota::{
+        Manifest, ManifestSignature, OTA_CHUNK_LEN_MAX, OtaOutcome, OtaStateKind, SignedManifest,
+    };
+    use wildcam_sdk::provision::{ClaimRejectReason, Signature64};
+
+    fn state_kind() -> impl Strategy<Value = OtaStateKind> {
+        use OtaStateKind::*;
+        select(vec![
+            Idle,
+            Downloading,
+            Verifying,
+            ReadyToReboot,
+            PendingConfirmation,
+            Confirmed,
+            RolledBack,
+            Failed,
+        ])
+    }
+
+    fn outcome() -> impl Strategy<Value = OtaOutcome> {
+        use OtaOutcome::*;
+        select(vec![
+            Confirmed,
+            SignatureInvalid,
+            WrongChip,
+            Downgrade,
+            NotNewer,
+            ImageTooLarge,
+            BatteryTooLow,
+            DigestMismatch,
+            SizeMismatch,
+            WriteFailed,
+            ReadFailed,
+            SelfTestFailed,
+            RolledBack,
+            Aborted,
+            Superseded,
+            Busy,
+        ])
+    }
+
+    fn reject_reason() -> impl Strategy<Value = ClaimRejectReason> {
+        use ClaimRejectReason::*;
+        select(vec![
+            TokenUnknown,
+            TokenExpired,
+            TokenExhausted,
+            IdentityNotAllowed,
+            ProofInvalid,
+            Replayed,
+            RateLimited,
+            Revoked,
+            Internal,
+        ])
+    }
+
+    fn bytes64() -> impl Strategy<Value = [u8; 64]> {
+        vec(any::<u8>(), 64).prop_map(|v| v.try_into().expect("64 bytes"))
+    }
+
+    prop_compose! {
+        fn signed_manifest()(version in firmware(), secure_version in any::<u32>(), chip in chip(),
+                             image_size in any::<u32>(), image_sha256 in any::<[u8; 32]>(),
+                             min_battery_mv in any::<u16>(), signature in bytes64()) -> SignedManifest {
+            SignedManifest {
+                manifest: Manifest { version, secure_version, chip, image_size, image_sha256, min_battery_mv },
+                signature: ManifestSignature(signature),
+            }
+        }
+    }
+
+    /// Round-trips through the direction's message set as well as alone.
+    fn uplink(message: Uplink) {
+        let mut buf = vec![0u8; Uplink::ENCODED_LEN_MAX];
+        let len = message.encode(&mut buf).unwrap().len();
+        assert!(len <= message.kind().encoded_len_max());
+        assert_eq!(Uplink::decode(&buf[..len]).unwrap(), message);
+        assert_eq!(Downlink::decode(&buf[..len]), Err(ProtocolError::KindUnexpected));
+    }
+
+    fn downlink(message: Downlink) {
+        let mut buf = vec![0u8; Downlink::ENCODED_LEN_MAX];
+        let len = message.encode(&mut buf).unwrap().len();
+        assert!(len <= message.kind().encoded_len_max());
+        assert_eq!(Downlink::decode(&buf[..len]).unwrap(), message);
+        assert_eq!(Uplink::decode(&buf[..len]), Err(ProtocolError::KindUnexpected));
+    }
+
+    proptest! {
+        // Chunks are large: fewer cases keep the prefix checks quick.
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn ota_offer_round_trips(rollout_id: u32, manifest in signed_manifest(), chunk_len: u16) {
+            let offer = OtaOffer { rollout_id, manifest, chunk_len };
+            round_trip(&offer);
+            downlink(Downlink::OtaOffer(offer));
+        }
+
+        #[test]
+        fn ota_chunk_round_trips(rollout_id: u32, offset: u32, data in vec(any::<u8>(), 0..=OTA_CHUNK_LEN_MAX)) {
+            let chunk = OtaChunk { rollout_id, offset, data: heapless::Vec::from_slice(&data).unwrap() };
+            round_trip(&chunk);
+            downlink(Downlink::OtaChunk(chunk));
+        }
+
+        #[test]
+        fn ota_chunk_request_round_trips(rollout_id: u32, offset: u32, len in 0..=OTA_CHUNK_LEN_MAX as u16) {
+            let request = OtaChunkRequest { rollout_id, offset, len };
+            round_trip(&request);
+            uplink(Uplink::OtaChunkRequest(request));
+        }
+
+        #[test]
+        fn ota_progress_and_result_round_trip(rollout_id: u32, offset: u32, state in state_kind(),
+                                              version in firmware(), outcome in outcome()) {
+            let progress = OtaProgress { rollout_id, offset, state };
+            round_trip(&progress);
+            uplink(Uplink::OtaProgress(progress));
+            let result = OtaResult { rollout_id, version, outcome };
+            round_trip(&result);
+            uplink(Uplink::OtaResult(result));
+        }
+
+        #[test]
+        fn device_messages_round_trip_through_sets(h in hello(), d in detection(), health in health(), ack: u32,
+                                                   id: u32, ttl_s in 1..=u32::MAX, kind in command_kind()) {
+            uplink(Uplink::Hello(h));
+            uplink(Uplink::Detection(d));
+            uplink(Uplink::Health(health));
+            downlink(Downlink::Ack(Ack { through: ack }));
+            downlink(Downlink::Command(Command { id, ttl_s, kind }));
+        }
+
+        #[test]
+        fn provisioning_messages_round_trip(claim_id in "[A-Za-z0-9_-]{0,24}", identity_key in any::<[u8; 32]>(),
+                                            nonce in any::<[u8; 32]>(), agreement_key in any::<[u8; 32]>(),
+                                            signature in bytes64(), reason in reject_reason(),
+                                            frame in vec(any::<u8>(), 22..=wildcam_sdk::provision::CREDENTIALS_FRAME_LEN_MAX)) {
+            let request = ClaimRequest { claim_id: heapless::String::try_from(claim_id.as_str()).unwrap(), identity_key };
+            round_trip(&request);
+            let proof = ClaimProof { agreement_key, signature: Signature64(signature) };
+            round_trip(&proof);
+            for message in [ProvisionUp::ClaimRequest(request), ProvisionUp::ClaimProof(proof)] {
+                let mut buf = [0u8; ProvisionUp::ENCODED_LEN_MAX];
+                let len = message.encode(&mut buf).unwrap().len();
+                prop_assert_eq!(ProvisionUp::decode(&buf[..len]).unwrap(), message);
+            }
+            let challenge = ClaimChallenge { nonce, server_agreement_key: agreement_key, server_signature: Signature64(signature) };
+            round_trip(&challenge);
+            let rejected = ClaimRejected { reason };
+            round_trip(&rejected);
+            let sealed = SealedCredentials { frame: heapless::Vec::from_slice(&frame).unwrap() };
+            round_trip(&sealed);
+            for message in [ProvisionDown::ClaimChallenge(challenge), ProvisionDown::ClaimRejected(rejected), ProvisionDown::Credentials(sealed)] {
+                let mut buf = [0u8; ProvisionDown::ENCODED_LEN_MAX];
+                let len = message.encode(&mut buf).unwrap().len();
+                prop_assert_eq!(ProvisionDown::decode(&buf[..len]).unwrap(), message);
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_chunk_request_is_refused() {
+        let request = OtaChunkRequest { rollout_id: 1, offset: 0, len: OTA_CHUNK_LEN_MAX as u16 + 1 };
+        let mut buf = [0u8; OtaChunkRequest::ENCODED_LEN_MAX];
+        let len = encode(&request, &mut buf).unwrap().len();
+        assert_eq!(decode::<OtaChunkRequest>(&buf[..len]), Err(ProtocolError::ValueOutOfRange));
+    }
+
+    #[test]
+    fn message_kinds_fit_their_topics() {
+        use wildcam_sdk::topic::Direction;
+        assert!(MessageKind::Detection.fits_device_topic(Direction::Up, "det"));
+        assert!(!MessageKind::Detection.fits_device_topic(Direction::Up, "health"));
+        assert!(!MessageKind::Detection.fits_device_topic(Direction::Down, "det"));
+        assert!(!MessageKind::ClaimRequest.fits_device_topic(Direction::Up, "det"));
+    }
+}
