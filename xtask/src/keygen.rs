@@ -92,7 +92,7 @@ fn refuse_existing(path: &Path) -> Result<()> {
 
 /// Writes `contents` to `path` with exactly `mode`. Without `replace`, `path`
 /// must not exist; with it, the file is written beside `path` and renamed over it.
-fn write_file(path: &Path, contents: &[u8], mode: u32, replace: bool) -> Result<()> {
+pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32, replace: bool) -> Result<()> {
     if !replace {
         return create_new(path, contents, mode);
     }

@@ -4,6 +4,7 @@
 //! Each verb is one module with an `Args` struct (its flags) and a `run` function:
 //! - [`ci`]: everything CI checks, in order, failing fast (`cargo xtask ci`).
 //! - [`keygen`]: a new ed25519 firmware-signing key pair.
+//! - [`sign`]: a signed OTA manifest for a firmware image, and its check.
 //!
 //! Shared pieces: [`key`] loads key files, [`toolchain`] finds a compiler for the
 //! RISC-V chips, [`boundary`] checks the sdk's dependency tree, [`process`] runs
@@ -17,6 +18,7 @@ mod ci;
 mod key;
 mod keygen;
 mod process;
+mod sign;
 mod toolchain;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +42,10 @@ enum Verb {
     Ci(ci::Args),
     /// Generate an ed25519 firmware-signing key pair.
     Keygen(keygen::Args),
+    /// Write a signed OTA manifest for a firmware image.
+    Sign(sign::Args),
+    /// Check a signed OTA manifest (and optionally its image) as a trap would.
+    VerifyManifest(sign::VerifyArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +64,8 @@ fn run(verb: Verb) -> anyhow::Result<()> {
     match verb {
         Verb::Ci(args) => ci::run(&args),
         Verb::Keygen(args) => keygen::run(&args),
+        Verb::Sign(args) => sign::run(&args),
+        Verb::VerifyManifest(args) => sign::run_verify(&args),
     }
 }
 
