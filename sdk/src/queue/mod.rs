@@ -158,6 +158,9 @@ pub enum QueueError {
     Io,
     /// The stored data is inconsistent and could not be repaired.
     Corrupted,
+    /// The encoder given to [`OfflineQueue::append_with`] failed; nothing was
+    /// appended and no sequence number was used.
+    RecordEncode,
 }
 
 impl fmt::Display for QueueError {
@@ -170,6 +173,7 @@ impl fmt::Display for QueueError {
             Self::SequenceExhausted => "sequence numbers exhausted",
             Self::Io => "offline queue storage error",
             Self::Corrupted => "offline queue storage is corrupted",
+            Self::RecordEncode => "the record could not be encoded",
         })
     }
 }
@@ -485,6 +489,25 @@ impl<S: QueueStore> OfflineQueue<S> {
         self.next_seq = seq + 1;
         self.len += 1;
         self.oldest.get_or_insert(seq);
+        Ok(appended)
+    }
+
+    /// Appends a record that carries its own sequence number: `encode` gets
+    /// the number this record will have and a buffer of the longest record
+    /// the store accepts, writes the record, and returns its length (`None`
+    /// if it cannot encode it). This is how a detection, whose message holds
+    /// its sequence, enters the queue.
+    pub fn append_with<F>(&mut self, encode: F) -> Result<Appended, QueueError>
+    where
+        F: FnOnce(u32, &mut [u8]) -> Option<usize>,
+    {
+        self.ensure_synced()?;
+        let mut buf = [0u8; RECORD_LEN_MAX];
+        let limit = self.store.record_len_max().min(RECORD_LEN_MAX);
+        let len = encode(self.next_seq, &mut buf[..limit]).ok_or(QueueError::RecordEncode)?;
+        let record = buf.get(..len).ok_or(QueueError::RecordEncode)?;
+        let appended = self.append(record)?;
+        debug_assert_eq!(appended.seq + 1, self.next_seq);
         Ok(appended)
     }
 

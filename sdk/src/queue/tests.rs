@@ -499,3 +499,26 @@ fn power_loss_while_open_finishes_an_interrupted_ack() {
         }
     }
 }
+
+#[test]
+fn append_with_hands_the_encoder_its_sequence() {
+    let mut queue = OfflineQueue::open(Mem::new(), FullPolicy::RejectNew).unwrap();
+    for expected in 1..=3u32 {
+        let appended = queue
+            .append_with(|seq, buf| {
+                assert_eq!(buf.len(), LEN, "the buffer is the store's record limit");
+                buf[..4].copy_from_slice(&seq.to_le_bytes());
+                Some(4)
+            })
+            .unwrap();
+        assert_eq!(appended.seq, expected);
+    }
+    let mut buf = [0u8; LEN];
+    let entry = queue.next_to_send(&mut buf).unwrap().unwrap();
+    assert_eq!(entry.record, 1u32.to_le_bytes());
+    // A failing encoder appends nothing and uses no number.
+    assert_eq!(queue.append_with(|_, _| None).map(|a| a.seq), Err(QueueError::RecordEncode));
+    assert_eq!(queue.append_with(|_, _| Some(LEN + 1)).map(|a| a.seq), Err(QueueError::RecordEncode));
+    assert_eq!(queue.stats().next_seq, 4);
+    assert_eq!(queue.len(), 3);
+}
