@@ -504,7 +504,8 @@ impl<S: QueueStore> OfflineQueue<S> {
         self.ensure_synced()?;
         let mut buf = [0u8; RECORD_LEN_MAX];
         let limit = self.store.record_len_max().min(RECORD_LEN_MAX);
-        let len = encode(self.next_seq, &mut buf[..limit]).ok_or(QueueError::RecordEncode)?;
+        let buf = &mut buf[..limit];
+        let len = encode(self.next_seq, buf).ok_or(QueueError::RecordEncode)?;
         let record = buf.get(..len).ok_or(QueueError::RecordEncode)?;
         let appended = self.append(record)?;
         debug_assert_eq!(appended.seq + 1, self.next_seq);
