@@ -2,7 +2,7 @@
 //! If it passes locally, CI is green (`.ci/run` only installs packages, then runs it).
 //!
 //! Steps ([`STEPS`]): formatting; clippy on the workspace and on the sdk with
-//! `defmt`; tests (nextest when installed) and doc tests; the sdk's dependency
+//! `defmt`; tests (nextest when installed), doc tests and the examples; the sdk's dependency
 //! boundary; the sdk built for both RISC-V chips; the firmware workspace built for
 //! the ESP32-C3; every fuzz target built.
 //!
@@ -40,6 +40,7 @@ const STEPS: &[Step] = &[
     Step { name: "clippy (wildcam-sdk --features defmt)", run: clippy_sdk_defmt },
     Step { name: "test", run: test },
     Step { name: "doc tests", run: doc_test },
+    Step { name: "examples", run: examples },
     Step { name: "sdk dependency boundary", run: dependency_boundary },
     Step { name: "sdk for ESP32-C3 (riscv32imc)", run: sdk_esp32c3 },
     Step { name: "sdk for ESP32-C6 (riscv32imac)", run: sdk_esp32c6 },
@@ -143,6 +144,11 @@ fn test(paths: &Paths) -> Result<()> {
 /// Doc tests (nextest does not run them).
 fn doc_test(paths: &Paths) -> Result<()> {
     cargo(paths, &["test", "--locked", "--doc", "--workspace"])
+}
+
+/// Runs the examples that assert as they go (the README's quick start).
+fn examples(paths: &Paths) -> Result<()> {
+    cargo(paths, &["run", "--locked", "--quiet", "-p", "wildcam-sdk", "--example", "walkthrough"])
 }
 
 /// Runs the host `cargo` with `arguments` in the repository root.
