@@ -13,7 +13,9 @@ macro_rules! check_set {
     ($set:ty, $data:expr) => {
         if let Ok(message) = <$set>::decode($data) {
             let mut buffer = [0u8; <$set>::ENCODED_LEN_MAX];
-            let encoded = message.encode(&mut buffer).expect("a decoded message re-encodes");
+            let encoded = message
+                .encode(&mut buffer)
+                .expect("a decoded message re-encodes");
             assert!(encoded.len() <= message.kind().encoded_len_max());
             assert_eq!(&encoded[..], $data, "{message:?} re-encodes differently");
         }

@@ -11,8 +11,8 @@ use ed25519_dalek::{Signer, SigningKey};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use wildcam_sdk::ota::{
-    BootAction, BootedImage, MANIFEST_SIGNING_LEN_MAX, Manifest, ManifestSignature, MemorySlot,
-    OtaConfig, OtaMachine, OtaOffer, OtaRecord, SignedManifest,
+    BootAction, BootedImage, MANIFEST_SIGNING_LEN_MAX, Manifest, ManifestSignature, MemorySlot, OtaConfig,
+    OtaMachine, OtaOffer, OtaRecord, SignedManifest,
 };
 use wildcam_sdk::protocol::{Chip, FirmwareVersion, OtaChunk, decode};
 
@@ -37,12 +37,18 @@ fuzz_target!(|data: &[u8]| {
     while let Some((&len, tail)) = rest.split_first() {
         let (message, tail) = tail.split_at(usize::from(len).min(tail.len()));
         rest = tail;
-        let Ok(chunk) = decode::<OtaChunk>(message) else { continue };
-        let Ok(actions) = machine.on_chunk(&chunk, &mut slot) else { continue };
+        let Ok(chunk) = decode::<OtaChunk>(message) else {
+            continue;
+        };
+        let Ok(actions) = machine.on_chunk(&chunk, &mut slot) else {
+            continue;
+        };
         if actions.verify {
             let mut buf = [0u8; 16];
             for _ in 0..IMAGE_LEN {
-                let Ok(step) = machine.verify_step(&mut slot, &mut buf) else { break };
+                let Ok(step) = machine.verify_step(&mut slot, &mut buf) else {
+                    break;
+                };
                 if step.boot == Some(BootAction::UpdateReady) {
                     assert_eq!(&slot.contents()[..IMAGE_LEN], &image[..], "a wrong image was declared ready");
                 }

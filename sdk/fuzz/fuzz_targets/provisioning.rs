@@ -21,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
         [3; 32],
         None,
     );
-    let (head, tail) = data.split_at(data.len().min(<ClaimChallenge as wildcam_sdk::protocol::Message>::ENCODED_LEN_MAX));
+    let (head, tail) = data.split_at(
+        data.len()
+            .min(<ClaimChallenge as wildcam_sdk::protocol::Message>::ENCODED_LEN_MAX),
+    );
     if let Ok(challenge) = decode::<ClaimChallenge>(head) {
         if device.on_challenge(&challenge).is_ok() {
             let mut frame = tail.to_vec();

@@ -24,10 +24,14 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(window, ReplayWindow::new(), "a refused frame moved the window");
 
     // A genuine frame of the fuzzer's plaintext, with one fuzzer-chosen bit flipped.
-    let Some((&selector, plaintext)) = data.split_first() else { return };
+    let Some((&selector, plaintext)) = data.split_first() else {
+        return;
+    };
     let mut sealer = Sealer::new(key.clone(), Direction::Up);
     let mut frame = vec![0u8; plaintext.len() + SEAL_OVERHEAD];
-    let Ok(sealed) = sealer.seal(CONTEXT, plaintext, &mut frame) else { return };
+    let Ok(sealed) = sealer.seal(CONTEXT, plaintext, &mut frame) else {
+        return;
+    };
     let bit = usize::from(selector) % (sealed.len * 8);
     let mut flipped = frame[..sealed.len].to_vec();
     flipped[bit / 8] ^= 1 << (bit % 8);
