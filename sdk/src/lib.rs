@@ -11,6 +11,7 @@ pub mod protocol;
 pub mod provision;
 pub mod queue;
 pub mod seal;
+pub mod signature;
 pub mod topic;
 
 pub use protocol::PROTOCOL_VERSION;

@@ -125,9 +125,7 @@ use core::fmt;
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use hkdf::Hkdf;
 use postcard::experimental::max_size::MaxSize;
-use serde::de::{self, SeqAccess, Visitor};
-use serde::ser::SerializeTuple;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, SharedSecret, StaticSecret};
 use zeroize::Zeroize;
@@ -144,8 +142,7 @@ pub const CLAIM_ID_LEN_MAX: usize = 24;
 pub const CLAIM_SECRET_LEN_MIN: usize = 22;
 /// Longest MQTT password, in bytes.
 pub const MQTT_PASSWORD_LEN_MAX: usize = 64;
-/// Length of an ed25519 signature.
-pub const SIGNATURE_LEN: usize = 64;
+pub use crate::signature::SIGNATURE_LEN;
 /// Longest sealed [`Credentials`] frame, in bytes.
 pub const CREDENTIALS_FRAME_LEN_MAX: usize = Credentials::POSTCARD_MAX_SIZE + SEAL_OVERHEAD;
 
@@ -227,50 +224,7 @@ impl fmt::Display for ProvisionError {
 
 impl core::error::Error for ProvisionError {}
 
-/// An ed25519 signature, encoded as 64 raw bytes (a fixed-size tuple).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct Signature64(pub [u8; SIGNATURE_LEN]);
-
-impl Serialize for Signature64 {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut tuple = serializer.serialize_tuple(SIGNATURE_LEN)?;
-        for byte in &self.0 {
-            tuple.serialize_element(byte)?;
-        }
-        tuple.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for Signature64 {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_tuple(SIGNATURE_LEN, Signature64Visitor)
-    }
-}
-
-struct Signature64Visitor;
-
-impl<'de> Visitor<'de> for Signature64Visitor {
-    type Value = Signature64;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("64 signature bytes")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Signature64, A::Error> {
-        let mut bytes = [0u8; SIGNATURE_LEN];
-        for (index, slot) in bytes.iter_mut().enumerate() {
-            *slot = seq
-                .next_element()?
-                .ok_or_else(|| de::Error::invalid_length(index, &self))?;
-        }
-        Ok(Signature64(bytes))
-    }
-}
-
-impl MaxSize for Signature64 {
-    const POSTCARD_MAX_SIZE: usize = SIGNATURE_LEN;
-}
+pub use crate::signature::Signature64;
 
 /// A claim token `{token_id}.{secret}`, parsed; it keeps the id and a digest
 /// of the secret, never the secret itself.

@@ -3,21 +3,16 @@
 //!
 //! Enum variants are only ever appended: postcard encodes the variant index.
 
-use core::fmt;
-
 use ed25519_dalek::{Signature, VerifyingKey};
 use postcard::experimental::max_size::MaxSize;
-use serde::de::{self, SeqAccess, Visitor};
-use serde::ser::SerializeTuple;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use super::OtaError;
 use crate::protocol::{Chip, FirmwareVersion};
 
 /// Largest chunk of image data in one [`Chunk`], in bytes.
 pub const OTA_CHUNK_LEN_MAX: usize = 1024;
-/// Length of an ed25519 signature, in bytes.
-pub const SIGNATURE_LEN: usize = 64;
+pub use crate::signature::SIGNATURE_LEN;
 /// Domain separation prefix of the signed manifest message.
 pub const MANIFEST_SIGNING_CONTEXT: &[u8; 24] = b"wildcam-ota-manifest-v1\0";
 /// Longest message [`Manifest::signing_bytes`] produces.
@@ -61,61 +56,8 @@ impl Manifest {
     }
 }
 
-/// An ed25519 signature (64 bytes, encoded as 64 raw bytes with no length
-/// prefix).
-#[derive(Clone, PartialEq, Eq)]
-#[cfg_attr(feature = "defmt", derive(defmt::Format))]
-pub struct ManifestSignature(pub [u8; SIGNATURE_LEN]);
-
-impl fmt::Debug for ManifestSignature {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ManifestSignature(")?;
-        for byte in &self.0[..8] {
-            write!(f, "{byte:02x}")?;
-        }
-        f.write_str("…)")
-    }
-}
-
-impl Serialize for ManifestSignature {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut tuple = serializer.serialize_tuple(SIGNATURE_LEN)?;
-        for byte in &self.0 {
-            tuple.serialize_element(byte)?;
-        }
-        tuple.end()
-    }
-}
-
-impl<'de> Deserialize<'de> for ManifestSignature {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_tuple(SIGNATURE_LEN, SignatureVisitor)
-    }
-}
-
-struct SignatureVisitor;
-
-impl<'de> Visitor<'de> for SignatureVisitor {
-    type Value = ManifestSignature;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("64 signature bytes")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut out = [0u8; SIGNATURE_LEN];
-        for (index, byte) in out.iter_mut().enumerate() {
-            *byte = seq
-                .next_element()?
-                .ok_or_else(|| de::Error::invalid_length(index, &self))?;
-        }
-        Ok(ManifestSignature(out))
-    }
-}
-
-impl MaxSize for ManifestSignature {
-    const POSTCARD_MAX_SIZE: usize = SIGNATURE_LEN;
-}
+/// The signature of a [`SignedManifest`] (see [`crate::signature`]).
+pub use crate::signature::Signature64 as ManifestSignature;
 
 /// A manifest and its ed25519 signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
