@@ -1,4 +1,5 @@
 #![doc = include_str!("../README.md")]
 
 pub mod broker;
+pub mod config;
 pub mod store;

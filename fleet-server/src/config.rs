@@ -1,0 +1,250 @@
+//! Server configuration: a TOML file, then environment variables, over
+//! defaults for everything. A server started with no file and no variables
+//! runs with its embedded defaults.
+//!
+//! Environment variables override any key: `WILDCAM__{SECTION}__{KEY}` (double
+//! underscores between levels, case-insensitive), e.g.
+//! `WILDCAM__HTTP__LISTEN=0.0.0.0:8080` or `WILDCAM__DATA_DIR=/var/lib/wildcam`.
+//! Values parse as TOML scalars (`true`, `42`, `"text"`); anything that does
+//! not parse is taken as a string.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "WILDCAM__";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("could not read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file or an override is not valid TOML or has a wrong key or value.
+    #[error("invalid configuration{origin}: {message}")]
+    Invalid {
+        /// Where the bad value came from (file or variable), may be empty.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the database and blobs live; created on first start.
+    pub data_dir: PathBuf,
+    /// The HTTP API.
+    pub http: HttpConfig,
+    /// Ingest batching.
+    pub ingest: IngestConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("wildcam-data"),
+            http: HttpConfig::default(),
+            ingest: IngestConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// The HTTP API listener.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 18080)) }
+    }
+}
+
+/// How ingest groups messages into transactions.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IngestConfig {
+    /// Most messages in one transaction.
+    pub batch_len_max: usize,
+    /// Longest a message waits for its batch to fill, milliseconds.
+    pub linger_ms: u64,
+    /// Messages waiting for ingest before the broker link blocks (backpressure).
+    pub queue_len_max: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self { batch_len_max: 2_000, linger_ms: 5, queue_len_max: 20_000 }
+    }
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log collectors.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `wildcam_fleet_server=debug`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Text, filter: "info".into() }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Config {
+    /// Loads `file` (if given) and applies the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let text = match file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?,
+            None => String::new(),
+        };
+        let origin = file
+            .map(|p| format!(" in {}", p.display()))
+            .unwrap_or_default();
+        Self::from_sources(&text, &origin, std::env::vars())
+    }
+
+    /// Parses `text` (TOML) and applies overrides from `vars`.
+    pub fn from_sources(
+        text: &str,
+        origin: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::Invalid { origin: origin.into(), message: e.to_string() })?;
+        let overrides: BTreeMap<String, String> = vars
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+            .collect();
+        for (name, value) in &overrides {
+            apply_override(&mut table, name, value)?;
+        }
+        let origin = if overrides.is_empty() {
+            origin.to_string()
+        } else {
+            let names: Vec<&str> = overrides.keys().map(String::as_str).collect();
+            format!("{origin} (with overrides {})", names.join(", "))
+        };
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid { origin, message: e.to_string() })
+    }
+}
+
+fn apply_override(table: &mut toml::Table, name: &str, value: &str) -> Result<(), ConfigError> {
+    let path: Vec<String> = name[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|part| part.to_ascii_lowercase())
+        .collect();
+    let invalid =
+        |message: &str| ConfigError::Invalid { origin: format!(" in {name}"), message: message.into() };
+    let Some((key, sections)) = path.split_last() else {
+        return Err(invalid("no key after the prefix"));
+    };
+    if path.iter().any(String::is_empty) {
+        return Err(invalid("empty level in the variable name"));
+    }
+    let mut current = table;
+    for section in sections {
+        let entry = current
+            .entry(section.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| invalid("names a key that is not a section"))?;
+    }
+    current.insert(key.clone(), scalar(value));
+    Ok(())
+}
+
+/// A TOML scalar if `value` parses as one, else the string itself.
+fn scalar(value: &str) -> toml::Value {
+    let parsed: Result<toml::Table, _> = toml::from_str(&format!("v = {value}"));
+    match parsed.ok().and_then(|mut t| t.remove("v")) {
+        Some(v) if !v.is_table() && !v.is_array() => v,
+        _ => toml::Value::String(value.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn empty_sources_give_defaults() {
+        assert_eq!(Config::from_sources("", "", vars(&[])).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let text = "data_dir = \"/srv/wildcam\"\n[ingest]\nbatch_len_max = 500\n";
+        let config = Config::from_sources(
+            text,
+            " in test.toml",
+            vars(&[
+                ("WILDCAM__INGEST__LINGER_MS", "9"),
+                ("WILDCAM__HTTP__LISTEN", "0.0.0.0:9000"),
+                ("WILDCAM__LOG__FORMAT", "json"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/srv/wildcam"));
+        assert_eq!(config.ingest.batch_len_max, 500);
+        assert_eq!(config.ingest.linger_ms, 9);
+        assert_eq!(config.http.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let error =
+            Config::from_sources("[http]\nlisten = \"nowhere\"\n", " in a.toml", vars(&[])).unwrap_err();
+        assert!(error.to_string().contains("a.toml"), "{error}");
+        let error = Config::from_sources("typo = 1\n", " in a.toml", vars(&[])).unwrap_err();
+        assert!(error.to_string().contains("typo"), "{error}");
+        let error =
+            Config::from_sources("", "", vars(&[("WILDCAM__INGEST__LINGER_MS", "soon")])).unwrap_err();
+        assert!(error.to_string().contains("WILDCAM__"), "{error}");
+        let error = Config::from_sources("", "", vars(&[("WILDCAM__DATA_DIR__X", "1")])).unwrap_err();
+        assert!(error.to_string().contains("WILDCAM__DATA_DIR__X"), "{error}");
+    }
+}
