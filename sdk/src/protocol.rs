@@ -61,6 +61,9 @@ pub enum ProtocolError {
     KindUnexpected,
     /// A field holds a value outside its documented range.
     ValueOutOfRange,
+    /// The body decodes, but not from its one canonical encoding (e.g. an
+    /// over-long varint): every value has exactly one accepted encoding.
+    DecodeNonCanonical,
 }
 
 impl fmt::Display for ProtocolError {
@@ -74,6 +77,7 @@ impl fmt::Display for ProtocolError {
             Self::KindUnknown => "unknown message kind",
             Self::KindUnexpected => "message kind not expected here",
             Self::ValueOutOfRange => "a field is out of its documented range",
+            Self::DecodeNonCanonical => "message is not canonically encoded",
         })
     }
 }
@@ -239,8 +243,42 @@ fn decode_body<M: Message>(body: &[u8]) -> Result<M, ProtocolError> {
     if !rest.is_empty() {
         return Err(ProtocolError::DecodeTrailingBytes);
     }
+    if !encodes_to(&message, body) {
+        return Err(ProtocolError::DecodeNonCanonical);
+    }
     message.validate()?;
     Ok(message)
+}
+
+/// Whether `value` encodes to exactly `expected`, checked byte by byte as it
+/// serializes: no buffer, no allocation.
+fn encodes_to<T: Serialize>(value: &T, expected: &[u8]) -> bool {
+    postcard::serialize_with_flavor(value, Compare { expected, position: 0 }).unwrap_or(false)
+}
+
+/// A postcard output that compares instead of storing.
+struct Compare<'a> {
+    expected: &'a [u8],
+    position: usize,
+}
+
+impl postcard::ser_flavors::Flavor for Compare<'_> {
+    type Output = bool;
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        match self.expected.get(self.position) {
+            Some(&expected) if expected == byte => {
+                self.position += 1;
+                Ok(())
+            }
+            // Stops serializing at the first difference.
+            _ => Err(postcard::Error::SerializeBufferFull),
+        }
+    }
+
+    fn finalize(self) -> postcard::Result<bool> {
+        Ok(self.position == self.expected.len())
+    }
 }
 
 fn check(condition: bool) -> Result<(), ProtocolError> {

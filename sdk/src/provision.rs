@@ -260,21 +260,13 @@ impl ClaimToken {
         let (id, secret) = token
             .split_once('.')
             .ok_or(ProvisionError::ClaimTokenMalformed)?;
-        if id.is_empty() || id.len() > CLAIM_ID_LEN_MAX {
-            return Err(ProvisionError::ClaimIdLengthInvalid);
-        }
-        let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-');
-        if !id.bytes().chain(secret.bytes()).all(allowed) {
+        if !secret.bytes().all(claim_character) {
             return Err(ProvisionError::ClaimTokenBadCharacter);
         }
+        let claim_id = parse_claim_id(id)?;
         if secret.len() < CLAIM_SECRET_LEN_MIN {
             return Err(ProvisionError::ClaimSecretTooShort);
         }
-        let mut claim_id = ClaimId::new();
-        // Cannot fail: the length was checked above.
-        claim_id
-            .push_str(id)
-            .map_err(|_| ProvisionError::ClaimIdLengthInvalid)?;
         Ok(Self {
             id: claim_id,
             secret_digest: Sha256::new()
@@ -283,6 +275,12 @@ impl ClaimToken {
                 .finalize()
                 .into(),
         })
+    }
+
+    /// Rebuilds a token from what a server stores: its id and
+    /// [`secret_digest`](Self::secret_digest) (never the secret itself).
+    pub fn from_stored(id: &str, secret_digest: [u8; 32]) -> Result<Self, ProvisionError> {
+        Ok(Self { id: parse_claim_id(id)?, secret_digest })
     }
 
     /// The public token id, sent as [`ClaimRequest::claim_id`].
@@ -329,6 +327,20 @@ impl core::str::FromStr for ClaimToken {
 
 /// What the proof binds for `claim`: its secret digest, or the fixed
 /// all-zero marker without a token.
+fn claim_character(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-')
+}
+
+fn parse_claim_id(id: &str) -> Result<ClaimId, ProvisionError> {
+    if id.is_empty() || id.len() > CLAIM_ID_LEN_MAX {
+        return Err(ProvisionError::ClaimIdLengthInvalid);
+    }
+    if !id.bytes().all(claim_character) {
+        return Err(ProvisionError::ClaimTokenBadCharacter);
+    }
+    ClaimId::try_from(id).map_err(|_| ProvisionError::ClaimIdLengthInvalid)
+}
+
 fn claim_binding(claim: Option<&ClaimToken>) -> &[u8; 32] {
     claim.map_or(&NO_CLAIM_BINDING, ClaimToken::secret_digest)
 }
@@ -1051,6 +1063,22 @@ mod tests {
         assert_eq!(pending.verify(Some(&token()), &proof).map(|_| ()), Err(ProvisionError::ProofInvalid));
         let (_, pending) = challenge_for(&request);
         assert!(pending.verify(None, &proof).is_ok());
+    }
+
+    #[test]
+    fn stored_token_verifies_like_the_parsed_one() {
+        let parsed = token();
+        let stored = ClaimToken::from_stored(parsed.id(), *parsed.secret_digest()).unwrap();
+        assert_eq!(stored.id(), parsed.id());
+        assert_eq!(stored.secret_digest(), parsed.secret_digest());
+        assert_eq!(
+            ClaimToken::from_stored("", [0; 32]).map(|_| ()),
+            Err(ProvisionError::ClaimIdLengthInvalid)
+        );
+        assert_eq!(
+            ClaimToken::from_stored("a.b", [0; 32]).map(|_| ()),
+            Err(ProvisionError::ClaimTokenBadCharacter)
+        );
     }
 
     #[test]

@@ -449,3 +449,15 @@ mod ota_and_provisioning {
         assert!(!MessageKind::ClaimRequest.fits_device_topic(Direction::Up, "det"));
     }
 }
+
+#[test]
+fn non_canonical_encodings_are_refused() {
+    // CommandResult { id: 1, status: Expired } with the status's varint index
+    // written over-long (0x81 0x00 instead of 0x01).
+    assert_eq!(
+        decode::<CommandResult>(&[1, 0x05, 0x01, 0x01]),
+        Ok(CommandResult { id: 1, status: CommandStatus::Expired })
+    );
+    assert_eq!(decode::<CommandResult>(&[1, 0x05, 0x01, 0x81, 0x00]), Err(ProtocolError::DecodeNonCanonical));
+    assert_eq!(Uplink::decode(&[1, 0x05, 0x81, 0x00, 0x01]), Err(ProtocolError::DecodeNonCanonical));
+}
