@@ -44,6 +44,10 @@ pub enum ConfigError {
 pub struct Config {
     /// Where the database and blobs live; created on first start.
     pub data_dir: PathBuf,
+    /// The embedded MQTT broker.
+    pub mqtt: crate::broker::BrokerConfig,
+    /// Claiming new traps.
+    pub provisioning: ProvisioningConfig,
     /// The HTTP API.
     pub http: HttpConfig,
     /// Ingest batching.
@@ -56,10 +60,28 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("wildcam-data"),
+            mqtt: crate::broker::BrokerConfig::default(),
+            provisioning: ProvisioningConfig::default(),
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
             log: LogConfig::default(),
         }
+    }
+}
+
+/// Claiming new traps.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProvisioningConfig {
+    /// Password of the shared `provision` MQTT account unclaimed traps use;
+    /// unset, only traps that already have credentials can connect. Set it
+    /// with `WILDCAM__PROVISIONING__PASSWORD` rather than in a file.
+    pub password: Option<String>,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        Self { password: Some("wildcam-provisioning".into()) }
     }
 }
 

@@ -2,4 +2,15 @@
 
 pub mod broker;
 pub mod config;
+pub mod credentials;
+pub mod downlink;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod provisioning;
+pub mod server;
+pub mod sessions;
 pub mod store;
+
+pub use config::Config;
+pub use server::Server;

@@ -267,6 +267,22 @@ impl BrokerLink {
     pub fn stats(&self) -> LinkStats {
         self.counters.snapshot()
     }
+
+    /// A cloneable reader of [`stats`](Self::stats) for other tasks (metrics).
+    pub fn stats_reader(&self) -> LinkStatsReader {
+        LinkStatsReader(self.counters.clone())
+    }
+}
+
+/// Reads a link's [`LinkStats`] from anywhere.
+#[derive(Debug, Clone)]
+pub struct LinkStatsReader(Arc<Counters>);
+
+impl LinkStatsReader {
+    /// Delivered and lost counts so far.
+    pub fn read(&self) -> LinkStats {
+        self.0.snapshot()
+    }
 }
 
 /// A topic the link may publish to: non-empty, no wildcard, no `$` prefix, no NUL.

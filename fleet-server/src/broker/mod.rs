@@ -103,7 +103,7 @@ pub use config::{
     MAX_PAYLOAD_SIZE_LIMIT, MAX_PAYLOAD_SIZE_MIN, MemoryEstimate, SEGMENT_SIZE_MIN,
 };
 pub use embedded::EmbeddedBroker;
-pub use link::{BrokerLink, Inbound, LinkStats, Publisher};
+pub use link::{BrokerLink, Inbound, LinkStats, LinkStatsReader, Publisher};
 
 use std::io;
 use std::net::SocketAddr;

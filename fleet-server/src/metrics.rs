@@ -1,0 +1,205 @@
+//! Counters and gauges, rendered in the Prometheus text format at `/metrics`.
+//!
+//! Plain atomics: ingest bumps them on its hot path without locks, and a
+//! scrape reads them all. Every rejected message is counted under its
+//! [`Rejection`] reason.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why ingest refused a message. Each has its own counter and log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// The topic is not a WildCAM uplink topic.
+    TopicInvalid,
+    /// No device has the id in the topic.
+    DeviceUnknown,
+    /// The device is revoked.
+    DeviceRevoked,
+    /// The payload is longer than any sealed uplink message.
+    Oversized,
+    /// The frame did not open under the device's key (forged, wrong device,
+    /// tampered).
+    Unauthentic,
+    /// The frame's counter was seen before or is too old (replay).
+    Replayed,
+    /// The opened envelope is not a valid uplink message.
+    Malformed,
+    /// The message kind does not belong on the topic it came on.
+    WrongTopic,
+    /// A hello names another device than its topic.
+    IdMismatch,
+    /// A message kind the server does not handle yet.
+    Unsupported,
+    /// A provisioning message was refused (see the claim reject reasons).
+    Provisioning,
+}
+
+impl Rejection {
+    /// Every reason, in a fixed order.
+    pub const ALL: [Rejection; 11] = [
+        Rejection::TopicInvalid,
+        Rejection::DeviceUnknown,
+        Rejection::DeviceRevoked,
+        Rejection::Oversized,
+        Rejection::Unauthentic,
+        Rejection::Replayed,
+        Rejection::Malformed,
+        Rejection::WrongTopic,
+        Rejection::IdMismatch,
+        Rejection::Unsupported,
+        Rejection::Provisioning,
+    ];
+
+    /// The `reason` label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Rejection::TopicInvalid => "topic_invalid",
+            Rejection::DeviceUnknown => "device_unknown",
+            Rejection::DeviceRevoked => "device_revoked",
+            Rejection::Oversized => "oversized",
+            Rejection::Unauthentic => "unauthentic",
+            Rejection::Replayed => "replayed",
+            Rejection::Malformed => "malformed",
+            Rejection::WrongTopic => "wrong_topic",
+            Rejection::IdMismatch => "id_mismatch",
+            Rejection::Unsupported => "unsupported",
+            Rejection::Provisioning => "provisioning",
+        }
+    }
+}
+
+/// Latency histogram buckets for ingest commits, in seconds.
+const COMMIT_BUCKETS_S: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0];
+
+/// The server's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    messages_in: AtomicU64,
+    detections_stored: AtomicU64,
+    acks_sent: AtomicU64,
+    rejected: [AtomicU64; Rejection::ALL.len()],
+    commit_buckets: [AtomicU64; COMMIT_BUCKETS_S.len()],
+    commit_count: AtomicU64,
+    commit_sum_us: AtomicU64,
+    batch_items: AtomicU64,
+    ingest_queue_depth: AtomicU64,
+    devices_provisioned: AtomicU64,
+}
+
+impl Metrics {
+    /// A message arrived from the broker.
+    pub fn message_in(&self) {
+        self.messages_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A message was refused for `reason`.
+    pub fn reject(&self, reason: Rejection) {
+        let index = Rejection::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.rejected[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many messages were refused for `reason`.
+    pub fn rejected(&self, reason: Rejection) -> u64 {
+        let index = Rejection::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        self.rejected[index].load(Ordering::Relaxed)
+    }
+
+    /// A batch of `items` committed in `seconds`, storing `detections`.
+    pub fn commit(&self, items: usize, detections: usize, seconds: f64) {
+        for (bucket, bound) in self.commit_buckets.iter().zip(COMMIT_BUCKETS_S) {
+            if seconds <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.commit_count.fetch_add(1, Ordering::Relaxed);
+        self.commit_sum_us.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.batch_items.fetch_add(items as u64, Ordering::Relaxed);
+        self.detections_stored.fetch_add(detections as u64, Ordering::Relaxed);
+    }
+
+    /// An ack was published.
+    pub fn ack_sent(&self) {
+        self.acks_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages waiting for ingest.
+    pub fn set_ingest_queue_depth(&self, depth: usize) {
+        self.ingest_queue_depth.store(depth as u64, Ordering::Relaxed);
+    }
+
+    /// A device completed provisioning.
+    pub fn device_provisioned(&self) {
+        self.devices_provisioned.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Messages received so far.
+    pub fn messages_in_total(&self) -> u64 {
+        self.messages_in.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition, with the gauges the caller measures
+    /// at scrape time (connected devices, broker link losses).
+    pub fn render(&self, connected_devices: u64, link_lost: u64) -> String {
+        let mut out = String::with_capacity(4096);
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(&mut out, "wildcam_messages_in_total", "Messages received from the broker.", load(&self.messages_in));
+        counter(&mut out, "wildcam_detections_stored_total", "Detections committed (resends counted once).", load(&self.detections_stored));
+        counter(&mut out, "wildcam_acks_sent_total", "Acks published after a commit.", load(&self.acks_sent));
+        counter(&mut out, "wildcam_devices_provisioned_total", "Devices provisioned.", load(&self.devices_provisioned));
+        counter(&mut out, "wildcam_broker_link_lost_total", "Messages the broker dropped before ingest read them (traps resend).", link_lost);
+        let _ = writeln!(out, "# HELP wildcam_messages_rejected_total Messages refused, by reason.");
+        let _ = writeln!(out, "# TYPE wildcam_messages_rejected_total counter");
+        for (reason, count) in Rejection::ALL.iter().zip(&self.rejected) {
+            let _ = writeln!(out, "wildcam_messages_rejected_total{{reason=\"{}\"}} {}", reason.as_str(), load(count));
+        }
+        gauge(&mut out, "wildcam_ingest_queue_depth", "Messages waiting for ingest.", load(&self.ingest_queue_depth));
+        gauge(&mut out, "wildcam_connected_devices", "Devices with an open MQTT connection.", connected_devices);
+        self.render_commit_histogram(&mut out);
+        out
+    }
+
+    fn render_commit_histogram(&self, out: &mut String) {
+        let name = "wildcam_ingest_batch_commit_seconds";
+        let _ = writeln!(out, "# HELP {name} Latency of one ingest batch commit.");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (bucket, bound) in self.commit_buckets.iter().zip(COMMIT_BUCKETS_S) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Ordering::Relaxed));
+        }
+        let count = self.commit_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.commit_sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_by_reason_and_a_histogram() {
+        let metrics = Metrics::default();
+        metrics.message_in();
+        metrics.reject(Rejection::Replayed);
+        metrics.reject(Rejection::Replayed);
+        metrics.commit(10, 7, 0.003);
+        let text = metrics.render(4, 0);
+        assert!(text.contains("wildcam_messages_in_total 1\n"), "{text}");
+        assert!(text.contains("wildcam_messages_rejected_total{reason=\"replayed\"} 2\n"), "{text}");
+        assert!(text.contains("wildcam_messages_rejected_total{reason=\"malformed\"} 0\n"), "{text}");
+        assert!(text.contains("wildcam_detections_stored_total 7\n"), "{text}");
+        assert!(text.contains("wildcam_ingest_batch_commit_seconds_bucket{le=\"0.002\"} 0\n"), "{text}");
+        assert!(text.contains("wildcam_ingest_batch_commit_seconds_bucket{le=\"0.005\"} 1\n"), "{text}");
+        assert!(text.contains("wildcam_connected_devices 4\n"), "{text}");
+        assert_eq!(metrics.rejected(Rejection::Replayed), 2);
+    }
+}
