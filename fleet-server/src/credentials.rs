@@ -17,7 +17,7 @@ use crate::store::{DeviceStatus, PasswordHash, constant_time_eq};
 /// Username of unprovisioned traps.
 pub const PROVISION_USERNAME: &str = "provision";
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Entry {
     hash: PasswordHash,
     active: bool,
@@ -71,13 +71,15 @@ impl CredentialCache {
         let Ok(devices) = self.devices.read() else {
             return false;
         };
-        devices.get(device_id).is_some_and(|entry| entry.active && entry.hash.verify(password))
+        devices
+            .get(device_id)
+            .is_some_and(|entry| entry.active && entry.hash.verify(password))
     }
 
     fn check_provisioning(&self, password: &str) -> bool {
-        self.provision_password.as_ref().is_some_and(|hash| {
-            constant_time_eq(PasswordHash::of(password).as_bytes(), hash.as_bytes())
-        })
+        self.provision_password
+            .as_ref()
+            .is_some_and(|hash| constant_time_eq(PasswordHash::of(password).as_bytes(), hash.as_bytes()))
     }
 }
 

@@ -65,7 +65,10 @@ impl Downlink {
     /// Encodes, seals and publishes `message` to `device`.
     pub async fn send<M: Message>(&self, device: &DeviceId, message: &M) -> Result<(), DownlinkError> {
         let Route::Device(Direction::Down, suffix) = M::KIND.route() else {
-            return Err(DownlinkError::Encode { kind: M::KIND, error: protocol::ProtocolError::KindUnexpected });
+            return Err(DownlinkError::Encode {
+                kind: M::KIND,
+                error: protocol::ProtocolError::KindUnexpected,
+            });
         };
         let mut buf = vec![0u8; M::ENCODED_LEN_MAX];
         let envelope = protocol::encode(message, &mut buf)
@@ -82,7 +85,11 @@ impl Downlink {
     /// What a device gets when it says hello: the desired configuration if it
     /// runs an older version, then every command still valid for it.
     pub async fn catch_up(&self, device: &DeviceId, config_version: u32) -> Result<(), DownlinkError> {
-        if let Some(record) = self.store.get_device(device.clone()).await?.and_then(|d| d.desired_config)
+        if let Some(record) = self
+            .store
+            .get_device(device.clone())
+            .await?
+            .and_then(|d| d.desired_config)
             && record.desired.version > config_version
         {
             self.send(device, &record.desired).await?;
@@ -93,9 +100,13 @@ impl Downlink {
     /// Publishes every command still valid for `device` and records the delivery.
     pub async fn deliver_commands(&self, device: &DeviceId) -> Result<(), DownlinkError> {
         for record in self.store.commands_to_deliver(device.clone()).await? {
-            let Some(command) = record.to_message(self.clock.now_ms()) else { continue };
+            let Some(command) = record.to_message(self.clock.now_ms()) else {
+                continue;
+            };
             self.send(device, &command).await?;
-            self.store.mark_command_delivered(device.clone(), record.id).await?;
+            self.store
+                .mark_command_delivered(device.clone(), record.id)
+                .await?;
         }
         Ok(())
     }

@@ -39,7 +39,10 @@ pub async fn serve(
         let shutdown = async move {
             let _ = stop.wait_for(|stopped| *stopped).await;
         };
-        if let Err(error) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+        if let Err(error) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+        {
             tracing::error!(%error, "HTTP server failed");
         }
     });

@@ -36,6 +36,7 @@ const CATCH_UPS_MAX: usize = 64;
 const FRAME_LEN_MAX: usize = Uplink::ENCODED_LEN_MAX + SEAL_OVERHEAD;
 
 /// The ingest task's dependencies.
+#[allow(missing_debug_implementations)] // Holds trait objects; nothing useful to print.
 pub struct Ingest {
     /// Where batches go.
     pub store: Arc<dyn Store>,
@@ -97,7 +98,10 @@ impl Ingest {
                     self.handle(message, &mut pending).await;
                 }
             }
-            let waiting = link.stats().delivered.saturating_sub(self.metrics.messages_in_total());
+            let waiting = link
+                .stats()
+                .delivered
+                .saturating_sub(self.metrics.messages_in_total());
             self.metrics.set_ingest_queue_depth(waiting as usize);
             self.commit(pending, &catch_ups).await;
         }
@@ -121,8 +125,13 @@ impl Ingest {
         }
     }
 
-    async fn accept(&self, message: Inbound, pending: &mut Pending) -> Result<(), (Rejection, Option<DeviceId>)> {
-        let parsed = topic::parse_device_topic(&message.topic).map_err(|_| (Rejection::TopicInvalid, None))?;
+    async fn accept(
+        &self,
+        message: Inbound,
+        pending: &mut Pending,
+    ) -> Result<(), (Rejection, Option<DeviceId>)> {
+        let parsed =
+            topic::parse_device_topic(&message.topic).map_err(|_| (Rejection::TopicInvalid, None))?;
         let device = parsed.device;
         if parsed.direction != Direction::Up {
             return Err((Rejection::TopicInvalid, Some(device)));
@@ -143,22 +152,42 @@ impl Ingest {
         self.route(device, uplink, pending)
     }
 
-    fn route(&self, device: DeviceId, uplink: Uplink, pending: &mut Pending) -> Result<(), (Rejection, Option<DeviceId>)> {
+    fn route(
+        &self,
+        device: DeviceId,
+        uplink: Uplink,
+        pending: &mut Pending,
+    ) -> Result<(), (Rejection, Option<DeviceId>)> {
         let received_at_ms = self.clock.now_ms();
-        let received = |message| Received { device_id: device.clone(), received_at_ms, message };
+        let device_id = device.clone();
+        let received = |message| Received { device_id: device_id.clone(), received_at_ms, message };
         match uplink {
             Uplink::Detection(detection) => pending.batch.detections.push(received(detection)),
-            Uplink::Health(health) => pending.batch.health.push(received(health)),
+            Uplink::Health(health) => pending.batch.health.push(Received {
+                device_id: device.clone(),
+                received_at_ms,
+                message: health,
+            }),
             Uplink::Hello(hello) => {
                 if hello.device_id != device {
                     return Err((Rejection::IdMismatch, Some(device)));
                 }
                 let config_version = hello.config_version;
-                pending.batch.hellos.push(received(hello));
-                pending.side_effects.push(SideEffect::Hello { device, config_version });
+                pending.batch.hellos.push(Received {
+                    device_id: device.clone(),
+                    received_at_ms,
+                    message: hello,
+                });
+                pending
+                    .side_effects
+                    .push(SideEffect::Hello { device, config_version });
             }
-            Uplink::ReportedConfig(report) => pending.side_effects.push(SideEffect::ReportedConfig { device, report }),
-            Uplink::CommandResult(result) => pending.side_effects.push(SideEffect::CommandResult { device, result }),
+            Uplink::ReportedConfig(report) => pending
+                .side_effects
+                .push(SideEffect::ReportedConfig { device, report }),
+            Uplink::CommandResult(result) => pending
+                .side_effects
+                .push(SideEffect::CommandResult { device, result }),
             Uplink::OtaChunkRequest(_) | Uplink::OtaProgress(_) | Uplink::OtaResult(_) => {
                 return Err((Rejection::Unsupported, Some(device)));
             }
@@ -167,15 +196,19 @@ impl Ingest {
     }
 
     async fn commit(&self, mut pending: Pending, catch_ups: &Arc<Semaphore>) {
-        pending.batch.windows =
-            pending.windows.drain().map(|(device_id, window)| UplinkWindow { device_id, window }).collect();
+        pending.batch.windows = pending
+            .windows
+            .drain()
+            .map(|(device_id, window)| UplinkWindow { device_id, window })
+            .collect();
         if !pending.batch.is_empty() {
             let items = pending.batch.len();
             let detections = pending.batch.detections.len();
             let started = Instant::now();
             match self.store.commit_batch(pending.batch).await {
                 Ok(acks) => {
-                    self.metrics.commit(items, detections, started.elapsed().as_secs_f64());
+                    self.metrics
+                        .commit(items, detections, started.elapsed().as_secs_f64());
                     for ack in acks {
                         let message = Ack { through: ack.acked_through };
                         if let Err(error) = self.downlink.send(&ack.device_id, &message).await {
@@ -199,7 +232,10 @@ impl Ingest {
         match effect {
             SideEffect::Hello { device, config_version } => {
                 let Ok(permit) = catch_ups.clone().try_acquire_owned() else {
-                    tracing::warn!(device = device.as_str(), "too many catch-ups running; the next hello retries");
+                    tracing::warn!(
+                        device = device.as_str(),
+                        "too many catch-ups running; the next hello retries"
+                    );
                     return;
                 };
                 let downlink = self.downlink.clone();
@@ -212,12 +248,20 @@ impl Ingest {
             }
             SideEffect::ReportedConfig { device, report } => {
                 let at = self.clock.now_ms();
-                if let Err(error) = self.store.record_reported_config(device.clone(), report, at).await {
+                if let Err(error) = self
+                    .store
+                    .record_reported_config(device.clone(), report, at)
+                    .await
+                {
                     tracing::warn!(device = device.as_str(), %error, "reported configuration not stored");
                 }
             }
             SideEffect::CommandResult { device, result } => {
-                if let Err(error) = self.store.record_command_result(device.clone(), result).await {
+                if let Err(error) = self
+                    .store
+                    .record_command_result(device.clone(), result)
+                    .await
+                {
                     tracing::warn!(device = device.as_str(), %error, "command result not stored");
                 }
             }

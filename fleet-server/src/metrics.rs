@@ -95,13 +95,19 @@ impl Metrics {
 
     /// A message was refused for `reason`.
     pub fn reject(&self, reason: Rejection) {
-        let index = Rejection::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let index = Rejection::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
         self.rejected[index].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many messages were refused for `reason`.
     pub fn rejected(&self, reason: Rejection) -> u64 {
-        let index = Rejection::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+        let index = Rejection::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
         self.rejected[index].load(Ordering::Relaxed)
     }
 
@@ -113,9 +119,11 @@ impl Metrics {
             }
         }
         self.commit_count.fetch_add(1, Ordering::Relaxed);
-        self.commit_sum_us.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.commit_sum_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
         self.batch_items.fetch_add(items as u64, Ordering::Relaxed);
-        self.detections_stored.fetch_add(detections as u64, Ordering::Relaxed);
+        self.detections_stored
+            .fetch_add(detections as u64, Ordering::Relaxed);
     }
 
     /// An ack was published.
@@ -125,7 +133,8 @@ impl Metrics {
 
     /// Messages waiting for ingest.
     pub fn set_ingest_queue_depth(&self, depth: usize) {
-        self.ingest_queue_depth.store(depth as u64, Ordering::Relaxed);
+        self.ingest_queue_depth
+            .store(depth as u64, Ordering::Relaxed);
     }
 
     /// A device completed provisioning.
@@ -143,18 +152,53 @@ impl Metrics {
     pub fn render(&self, connected_devices: u64, link_lost: u64) -> String {
         let mut out = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(&mut out, "wildcam_messages_in_total", "Messages received from the broker.", load(&self.messages_in));
-        counter(&mut out, "wildcam_detections_stored_total", "Detections committed (resends counted once).", load(&self.detections_stored));
+        counter(
+            &mut out,
+            "wildcam_messages_in_total",
+            "Messages received from the broker.",
+            load(&self.messages_in),
+        );
+        counter(
+            &mut out,
+            "wildcam_detections_stored_total",
+            "Detections committed (resends counted once).",
+            load(&self.detections_stored),
+        );
         counter(&mut out, "wildcam_acks_sent_total", "Acks published after a commit.", load(&self.acks_sent));
-        counter(&mut out, "wildcam_devices_provisioned_total", "Devices provisioned.", load(&self.devices_provisioned));
-        counter(&mut out, "wildcam_broker_link_lost_total", "Messages the broker dropped before ingest read them (traps resend).", link_lost);
+        counter(
+            &mut out,
+            "wildcam_devices_provisioned_total",
+            "Devices provisioned.",
+            load(&self.devices_provisioned),
+        );
+        counter(
+            &mut out,
+            "wildcam_broker_link_lost_total",
+            "Messages the broker dropped before ingest read them (traps resend).",
+            link_lost,
+        );
         let _ = writeln!(out, "# HELP wildcam_messages_rejected_total Messages refused, by reason.");
         let _ = writeln!(out, "# TYPE wildcam_messages_rejected_total counter");
         for (reason, count) in Rejection::ALL.iter().zip(&self.rejected) {
-            let _ = writeln!(out, "wildcam_messages_rejected_total{{reason=\"{}\"}} {}", reason.as_str(), load(count));
+            let _ = writeln!(
+                out,
+                "wildcam_messages_rejected_total{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                load(count)
+            );
         }
-        gauge(&mut out, "wildcam_ingest_queue_depth", "Messages waiting for ingest.", load(&self.ingest_queue_depth));
-        gauge(&mut out, "wildcam_connected_devices", "Devices with an open MQTT connection.", connected_devices);
+        gauge(
+            &mut out,
+            "wildcam_ingest_queue_depth",
+            "Messages waiting for ingest.",
+            load(&self.ingest_queue_depth),
+        );
+        gauge(
+            &mut out,
+            "wildcam_connected_devices",
+            "Devices with an open MQTT connection.",
+            connected_devices,
+        );
         self.render_commit_histogram(&mut out);
         out
     }

@@ -21,9 +21,7 @@ use rand::rngs::OsRng;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use wildcam_sdk::DeviceId;
-use wildcam_sdk::protocol::{
-    self, ClaimRejected, Message, ProvisionDown, ProvisionUp, SealedCredentials,
-};
+use wildcam_sdk::protocol::{ClaimRejected, Message, ProvisionDown, ProvisionUp, SealedCredentials};
 use wildcam_sdk::provision::{
     CREDENTIALS_FRAME_LEN_MAX, ClaimRejectReason, ClaimRequest, ClaimToken, Credentials, MqttPassword,
     PendingClaim, ServerChallenge, ServerIdentity, seal_credentials,
@@ -61,7 +59,10 @@ struct RateLimit {
 
 impl RateLimit {
     fn allow(&mut self, claim_id: &str, now: Instant) -> bool {
-        if self.window_start.is_none_or(|start| now.duration_since(start) >= Duration::from_secs(60)) {
+        if self
+            .window_start
+            .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(60))
+        {
             self.window_start = Some(now);
             self.total = 0;
             self.per_id.clear();
@@ -80,6 +81,7 @@ impl RateLimit {
 }
 
 /// The provisioning task.
+#[allow(missing_debug_implementations)] // Holds trait objects; nothing useful to print.
 pub struct Provisioning {
     /// Registry.
     pub store: Arc<dyn Store>,
@@ -109,7 +111,8 @@ impl Provisioning {
             };
             let answer = match ProvisionUp::decode(&message.payload) {
                 Ok(ProvisionUp::ClaimRequest(request)) => {
-                    self.on_request(session, request, &mut waiting, &mut limits, now).await
+                    self.on_request(session, request, &mut waiting, &mut limits, now)
+                        .await
                 }
                 Ok(ProvisionUp::ClaimProof(proof)) => match waiting.remove(&session) {
                     Some(claim) => self.on_proof(session, claim, &proof).await,
@@ -137,7 +140,9 @@ impl Provisioning {
         limits: &mut RateLimit,
         now: Instant,
     ) -> Result<ProvisionDown, ClaimRejectReason> {
-        if !limits.allow(&request.claim_id, now) || (waiting.len() >= PENDING_MAX && !waiting.contains_key(&session)) {
+        if !limits.allow(&request.claim_id, now)
+            || (waiting.len() >= PENDING_MAX && !waiting.contains_key(&session))
+        {
             return Err(ClaimRejectReason::RateLimited);
         }
         let (token, claim_id) = self.authorize(&request).await?;
@@ -148,7 +153,10 @@ impl Provisioning {
     }
 
     /// The token the proof must bind, after the checks the store repeats at commit.
-    async fn authorize(&self, request: &ClaimRequest) -> Result<(Option<ClaimToken>, Option<String>), ClaimRejectReason> {
+    async fn authorize(
+        &self,
+        request: &ClaimRequest,
+    ) -> Result<(Option<ClaimToken>, Option<String>), ClaimRejectReason> {
         if request.claim_id.is_empty() {
             return match self.store.allowed_identity(request.identity_key).await {
                 Ok(Some(_)) => Ok((None, None)),
@@ -156,12 +164,17 @@ impl Provisioning {
                 Err(error) => Err(internal(&error)),
             };
         }
-        let info = match self.store.get_claim_token(request.claim_id.to_string()).await {
+        let info = match self
+            .store
+            .get_claim_token(request.claim_id.to_string())
+            .await
+        {
             Ok(Some(info)) => info,
             Ok(None) => return Err(ClaimRejectReason::TokenUnknown),
             Err(error) => return Err(internal(&error)),
         };
-        info.check_usable(self.clock.now_ms()).map_err(|e| reject_reason(&e))?;
+        info.check_usable(self.clock.now_ms())
+            .map_err(|e| reject_reason(&e))?;
         let token = ClaimToken::from_stored(&info.id, *info.secret_digest.as_bytes())
             .map_err(|_| ClaimRejectReason::TokenUnknown)?;
         Ok((Some(token), Some(info.id)))
@@ -174,8 +187,10 @@ impl Provisioning {
         proof: &wildcam_sdk::provision::ClaimProof,
     ) -> Result<ProvisionDown, ClaimRejectReason> {
         let identity_key = claim.pending.identity_key();
-        let session_key =
-            claim.pending.verify(claim.token.as_ref(), proof).map_err(|_| ClaimRejectReason::ProofInvalid)?;
+        let session_key = claim
+            .pending
+            .verify(claim.token.as_ref(), proof)
+            .map_err(|_| ClaimRejectReason::ProofInvalid)?;
         let device_id = device_id_for(&identity_key);
         let password = random_password();
         let authorization = match claim.claim_id {
@@ -189,13 +204,19 @@ impl Provisioning {
             session_key: session_key.clone(),
             authorization,
         };
-        let device = self.store.create_device(new_device).await.map_err(|e| reject_reason(&e))?;
-        self.credentials.upsert(device.id.as_str(), PasswordHash::of(&password), device.status);
+        let device = self
+            .store
+            .create_device(new_device)
+            .await
+            .map_err(|e| reject_reason(&e))?;
+        self.credentials
+            .upsert(device.id.as_str(), PasswordHash::of(&password), device.status);
         self.metrics.device_provisioned();
         tracing::info!(device = device.id.as_str(), session = session.as_str(), "device provisioned");
         let credentials = Credentials {
             device_id,
-            mqtt_password: MqttPassword::try_from(password.as_str()).map_err(|_| ClaimRejectReason::Internal)?,
+            mqtt_password: MqttPassword::try_from(password.as_str())
+                .map_err(|_| ClaimRejectReason::Internal)?,
         };
         let mut frame = [0u8; CREDENTIALS_FRAME_LEN_MAX];
         let len = seal_credentials(&session_key, &session, &credentials, &mut frame)

@@ -76,8 +76,11 @@ impl Server {
             .with_context(|| format!("could not create data directory {}", config.data_dir.display()))?;
         let identity = load_or_create_identity(&config.data_dir)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(SqliteConfig::new(config.data_dir.clone())).await.context("opening the store")?);
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(SqliteConfig::new(config.data_dir.clone()))
+                .await
+                .context("opening the store")?,
+        );
         let credentials = CredentialCache::new(config.provisioning.password.as_deref());
         load_credentials(&store, &credentials).await?;
         let (broker, link) = EmbeddedBroker::start(config.mqtt.clone(), credentials.clone())
@@ -86,7 +89,8 @@ impl Server {
         let metrics = Arc::new(Metrics::default());
         let sessions = Sessions::new(store.clone());
         let publisher = link.publisher();
-        let downlink = Downlink::new(sessions.clone(), publisher.clone(), store.clone(), clock.clone(), metrics.clone());
+        let downlink =
+            Downlink::new(sessions.clone(), publisher.clone(), store.clone(), clock.clone(), metrics.clone());
         let link_stats = link.stats_reader();
         let state = AppState {
             store: store.clone(),
@@ -100,15 +104,8 @@ impl Server {
         };
         let (stop, stop_rx) = watch::channel(false);
         let provisioning = spawn_provisioning(&state, identity, publisher);
-        let ingest = Ingest {
-            store,
-            sessions,
-            downlink,
-            metrics,
-            clock,
-            config: config.ingest.clone(),
-            provisioning,
-        };
+        let ingest =
+            Ingest { store, sessions, downlink, metrics, clock, config: config.ingest.clone(), provisioning };
         let ingest = tokio::spawn(ingest.run(link, stop_rx.clone()));
         let (http_addr, http) = http::serve(config.http.listen, state.clone(), stop_rx).await?;
         tracing::info!(
@@ -144,13 +141,21 @@ impl Server {
         self.broker.shutdown();
         let _ = self.ingest.await;
         let _ = self.http.await;
-        self.state.store.close().await.context("closing the store")?;
+        self.state
+            .store
+            .close()
+            .await
+            .context("closing the store")?;
         tracing::info!("fleet server stopped");
         Ok(())
     }
 }
 
-fn spawn_provisioning(state: &AppState, identity: ServerIdentity, publisher: Publisher) -> mpsc::Sender<crate::broker::Inbound> {
+fn spawn_provisioning(
+    state: &AppState,
+    identity: ServerIdentity,
+    publisher: Publisher,
+) -> mpsc::Sender<crate::broker::Inbound> {
     let (sender, receiver) = mpsc::channel(PROVISIONING_QUEUE_LEN);
     let service = Provisioning {
         store: state.store.clone(),
@@ -166,7 +171,10 @@ fn spawn_provisioning(state: &AppState, identity: ServerIdentity, publisher: Pub
 
 /// Revokes a device everywhere at once: in the store, at the broker (no
 /// reconnect) and in ingest (its messages are refused from now on).
-pub async fn revoke_device(state: &AppState, device: &wildcam_sdk::DeviceId) -> Result<(), crate::store::StoreError> {
+pub async fn revoke_device(
+    state: &AppState,
+    device: &wildcam_sdk::DeviceId,
+) -> Result<(), crate::store::StoreError> {
     state.store.revoke_device(device.clone()).await?;
     state.credentials.revoke(device.as_str());
     state.sessions.revoke(device).await;
@@ -176,9 +184,13 @@ pub async fn revoke_device(state: &AppState, device: &wildcam_sdk::DeviceId) -> 
 
 /// Fills the broker's credential cache with every registered device.
 async fn load_credentials(store: &Arc<dyn Store>, cache: &CredentialCache) -> Result<()> {
-    let mut query = DeviceQuery { page: PageRequest::first(crate::store::PAGE_LIMIT_MAX), ..DeviceQuery::default() };
+    let mut query =
+        DeviceQuery { page: PageRequest::first(crate::store::PAGE_LIMIT_MAX), ..DeviceQuery::default() };
     loop {
-        let page = store.list_devices(query.clone()).await.context("loading devices")?;
+        let page = store
+            .list_devices(query.clone())
+            .await
+            .context("loading devices")?;
         for device in &page.items {
             if let Some(credentials) = store.device_credentials(device.id.clone()).await? {
                 cache.upsert(device.id.as_str(), credentials.mqtt_password_hash, credentials.status);

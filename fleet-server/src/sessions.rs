@@ -109,11 +109,16 @@ impl Sessions {
         let mut session = session.lock().await;
         session.check_active()?;
         let mut frame = vec![0u8; envelope.len() + SEAL_OVERHEAD];
-        let sealed = session.sealer.seal(device.as_bytes(), envelope, &mut frame).map_err(SessionError::Seal)?;
+        let sealed = session
+            .sealer
+            .seal(device.as_bytes(), envelope, &mut frame)
+            .map_err(SessionError::Seal)?;
         if let Some(reservation) = sealed.persist_reservation {
             let expected = session.reservation;
-            if let Err(error) =
-                self.store.persist_downlink_reservation(device.clone(), expected, reservation).await
+            if let Err(error) = self
+                .store
+                .persist_downlink_reservation(device.clone(), expected, reservation)
+                .await
             {
                 // Another writer moved it, or the store failed: start over from
                 // what is stored next time rather than risk a reused counter.
@@ -128,7 +133,11 @@ impl Sessions {
 
     /// Refuses the device from now on (revocation).
     pub async fn revoke(&self, device: &DeviceId) {
-        let existing = self.devices.lock().ok().and_then(|d| d.get(device).cloned());
+        let existing = self
+            .devices
+            .lock()
+            .ok()
+            .and_then(|d| d.get(device).cloned());
         if let Some(session) = existing {
             session.lock().await.status = DeviceStatus::Revoked;
         }
@@ -141,10 +150,19 @@ impl Sessions {
     }
 
     async fn session(&self, device: &DeviceId) -> Result<Arc<Mutex<Session>>, SessionError> {
-        if let Some(session) = self.devices.lock().ok().and_then(|d| d.get(device).cloned()) {
+        if let Some(session) = self
+            .devices
+            .lock()
+            .ok()
+            .and_then(|d| d.get(device).cloned())
+        {
             return Ok(session);
         }
-        let keys = self.store.device_keys(device.clone()).await?.ok_or(SessionError::Unknown)?;
+        let keys = self
+            .store
+            .device_keys(device.clone())
+            .await?
+            .ok_or(SessionError::Unknown)?;
         let loaded = Arc::new(Mutex::new(Session::from_keys(keys)));
         let mut devices = self.devices.lock().map_err(|_| SessionError::Poisoned)?;
         Ok(devices.entry(device.clone()).or_insert(loaded).clone())

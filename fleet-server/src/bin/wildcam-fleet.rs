@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
-use wildcam_fleet_server::config::{Config, LogFormat};
 use wildcam_fleet_server::Server;
+use wildcam_fleet_server::config::{Config, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(name = "wildcam-fleet", version, about = "WildCAM fleet server")]
@@ -82,7 +82,9 @@ async fn shutdown_signal() {
 
 fn init_logging(config: &Config) {
     let filter = EnvFilter::try_new(&config.log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

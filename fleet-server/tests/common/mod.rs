@@ -23,8 +23,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// A configuration on ephemeral loopback ports under `data_dir`.
 pub fn test_config(data_dir: &std::path::Path) -> Config {
-    let mut config = Config::default();
-    config.data_dir = data_dir.to_path_buf();
+    let mut config = Config { data_dir: data_dir.to_path_buf(), ..Config::default() };
     config.mqtt.listen_v4 = SocketAddr::from(([127, 0, 0, 1], 0));
     config.mqtt.listen_v5 = SocketAddr::from(([127, 0, 0, 1], 0));
     config.http.listen = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -47,7 +46,12 @@ impl Drop for Mqtt {
 
 impl Mqtt {
     /// Connects and waits for the CONNACK; `Err` if the broker refuses.
-    pub async fn connect(addr: SocketAddr, client_id: &str, username: &str, password: &str) -> Result<Self, String> {
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<Self, String> {
         let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         options.set_credentials(username, password);
         options.set_keep_alive(Duration::from_secs(30));
@@ -70,7 +74,11 @@ impl Mqtt {
             loop {
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::Publish(publish))) => {
-                        if sender.send((publish.topic, publish.payload.to_vec())).await.is_err() {
+                        if sender
+                            .send((publish.topic, publish.payload.to_vec()))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -83,13 +91,19 @@ impl Mqtt {
     }
 
     pub async fn subscribe(&self, filter: &str) {
-        self.client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe queued");
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe queued");
         // Let the broker register it before anything is published to it.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     pub async fn publish(&self, topic: &str, payload: Vec<u8>) {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publish queued");
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("publish queued");
     }
 
     pub async fn next(&mut self) -> Option<(String, Vec<u8>)> {
@@ -98,22 +112,52 @@ impl Mqtt {
 }
 
 /// Claims a device with `token` (None: the identity is on the allow-list).
-pub async fn provision(addr: SocketAddr, token: Option<&str>, identity_seed: [u8; 32]) -> Result<Provisioned, String> {
+pub async fn provision(
+    addr: SocketAddr,
+    token: Option<&str>,
+    identity_seed: [u8; 32],
+) -> Result<Provisioned, String> {
     let session = SessionId::from_random(identity_seed[..8].try_into().expect("8 bytes"));
-    let mut mqtt = Mqtt::connect(addr, &format!("unclaimed-{}", session.as_str()), PROVISION_USERNAME, "wildcam-provisioning").await?;
-    mqtt.subscribe(&topic::provision_topic(&session, Direction::Down)).await;
+    let mut mqtt = Mqtt::connect(
+        addr,
+        &format!("unclaimed-{}", session.as_str()),
+        PROVISION_USERNAME,
+        "wildcam-provisioning",
+    )
+    .await?;
+    mqtt.subscribe(&topic::provision_topic(&session, Direction::Down))
+        .await;
     let claim = token.map(|t| ClaimToken::parse(t).expect("well-formed token"));
-    let mut device = Provisioner::new(DeviceIdentity::from_seed(identity_seed), claim, session, [0x5a; 32], None);
+    let mut device =
+        Provisioner::new(DeviceIdentity::from_seed(identity_seed), claim, session, [0x5a; 32], None);
     let up = topic::provision_topic(&session, Direction::Up);
-    mqtt.publish(&up, encode_set(|b| ProvisionUp::ClaimRequest(device.request()).encode(b).map(|e| e.len()))).await;
+    mqtt.publish(
+        &up,
+        encode_set(|b| {
+            ProvisionUp::ClaimRequest(device.request())
+                .encode(b)
+                .map(|e| e.len())
+        }),
+    )
+    .await;
     let challenge = match next_provision_down(&mut mqtt).await? {
         ProvisionDown::ClaimChallenge(challenge) => challenge,
         other => return Err(format!("expected a challenge, got {other:?}")),
     };
     let proof = device.on_challenge(&challenge).map_err(|e| e.to_string())?;
-    mqtt.publish(&up, encode_set(|b| ProvisionUp::ClaimProof(proof.clone()).encode(b).map(|e| e.len()))).await;
+    mqtt.publish(
+        &up,
+        encode_set(|b| {
+            ProvisionUp::ClaimProof(proof.clone())
+                .encode(b)
+                .map(|e| e.len())
+        }),
+    )
+    .await;
     match next_provision_down(&mut mqtt).await? {
-        ProvisionDown::Credentials(mut sealed) => device.on_credentials(&mut sealed.frame).map_err(|e| e.to_string()),
+        ProvisionDown::Credentials(mut sealed) => device
+            .on_credentials(&mut sealed.frame)
+            .map_err(|e| e.to_string()),
         other => Err(format!("expected credentials, got {other:?}")),
     }
 }
@@ -141,6 +185,8 @@ pub struct TestTrap {
     pub mqtt: Mqtt,
     pub sealer: Sealer,
     pub opener: Opener,
+    /// Downlink frames that did not open.
+    pub refused: usize,
 }
 
 impl TestTrap {
@@ -157,6 +203,7 @@ impl TestTrap {
             password,
             key,
             mqtt,
+            refused: 0,
         })
     }
 
@@ -164,20 +211,27 @@ impl TestTrap {
     pub async fn send(&mut self, message: &Uplink) -> Vec<u8> {
         let envelope = encode_set(|b| message.encode(b).map(|e| e.len()));
         let frame = self.seal(&envelope);
-        let Route::Device(_, suffix) = message.kind().route() else { unreachable!("uplinks are device messages") };
+        let Route::Device(_, suffix) = message.kind().route() else {
+            unreachable!("uplinks are device messages")
+        };
         self.publish_raw(suffix, frame.clone()).await;
         frame
     }
 
     pub fn seal(&mut self, envelope: &[u8]) -> Vec<u8> {
         let mut frame = vec![0u8; envelope.len() + SEAL_OVERHEAD];
-        let sealed = self.sealer.seal(self.id.as_bytes(), envelope, &mut frame).expect("seals");
+        let sealed = self
+            .sealer
+            .seal(self.id.as_bytes(), envelope, &mut frame)
+            .expect("seals");
         frame.truncate(sealed.len);
         frame
     }
 
     pub async fn publish_raw(&self, suffix: &str, payload: Vec<u8>) {
-        self.mqtt.publish(&topic::device_topic(&self.id, Direction::Up, suffix), payload).await;
+        self.mqtt
+            .publish(&topic::device_topic(&self.id, Direction::Up, suffix), payload)
+            .await;
     }
 
     pub fn hello(&self) -> Uplink {
@@ -195,15 +249,35 @@ impl TestTrap {
         })
     }
 
-    /// The next downlink message that opens, skipping none; `None` on timeout.
+    /// The next downlink message that opens and decodes; frames that do not
+    /// (forged, replayed) are counted in `refused` and skipped. `None` on timeout.
     pub async fn next_downlink(&mut self) -> Option<Downlink> {
-        let (_, mut frame) = self.mqtt.next().await?;
-        let plain = self.opener.open(self.id.as_bytes(), &mut frame).ok()?;
-        Downlink::decode(plain).ok()
+        loop {
+            let (_, mut frame) = self.mqtt.next().await?;
+            match self
+                .opener
+                .open(self.id.as_bytes(), &mut frame)
+                .map(Downlink::decode)
+            {
+                Ok(Ok(message)) => return Some(message),
+                _ => self.refused += 1,
+            }
+        }
     }
 
     /// Waits for an ack through at least `seq`.
     pub async fn wait_ack(&mut self, seq: u32) -> Result<u32, String> {
+        self.wait_ack_within(seq, WAIT).await
+    }
+
+    /// Waits at most `limit` for an ack through at least `seq`.
+    pub async fn wait_ack_within(&mut self, seq: u32, limit: Duration) -> Result<u32, String> {
+        timeout(limit, self.wait_ack_forever(seq))
+            .await
+            .unwrap_or_else(|_| Err(format!("no ack through {seq}")))
+    }
+
+    async fn wait_ack_forever(&mut self, seq: u32) -> Result<u32, String> {
         loop {
             match self.next_downlink().await {
                 Some(Downlink::Ack(Ack { through })) if through >= seq => return Ok(through),
@@ -222,7 +296,9 @@ pub fn detection(seq: u32) -> Uplink {
         trigger: Trigger::Pir,
         burst_index: 0,
         burst_len: 1,
-        classes: [Classification { label: 17, confidence_pct: 90 }].into_iter().collect(),
+        classes: [Classification { label: 17, confidence_pct: 90 }]
+            .into_iter()
+            .collect(),
         bbox: None,
         image_len: 100_000 + seq,
         image_digest: [seq as u8; 8],
