@@ -1,6 +1,6 @@
 //! The HTTP surface. This file holds the listener and the operational
-//! endpoints (`/healthz`, `/readyz`, `/metrics`); the operator API mounts
-//! under `/api/v1`.
+//! endpoints (`/healthz`, `/readyz`, `/metrics`); the operator API
+//! ([`crate::api`]) is mounted under `/api/v1`.
 
 use std::net::SocketAddr;
 
@@ -21,6 +21,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .nest(crate::api::PREFIX, crate::api::router(state.clone()))
         .with_state(state)
 }
 

@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 
+pub mod api;
 pub mod broker;
+pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod downlink;

@@ -49,6 +49,10 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Messages the broker dropped before ingest read them.
     pub link_lost: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Where the embedded broker listens for MQTT 3.1.1 (shown by the API).
+    pub mqtt_v4: SocketAddr,
+    /// Where the embedded broker listens for MQTT 5 (shown by the API).
+    pub mqtt_v5: SocketAddr,
 }
 
 impl std::fmt::Debug for AppState {
@@ -101,6 +105,8 @@ impl Server {
             identity_public_key: identity.public_key(),
             clock: clock.clone(),
             link_lost: Arc::new(move || link_stats.read().lost),
+            mqtt_v4: broker.listen_v4(),
+            mqtt_v5: broker.listen_v5(),
         };
         let (stop, stop_rx) = watch::channel(false);
         let provisioning = spawn_provisioning(&state, identity, publisher);
