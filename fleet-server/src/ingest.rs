@@ -2,21 +2,30 @@
 //!
 //! One task reads the link. For each device uplink it parses the topic,
 //! opens the frame under that device's key ([`Sessions`]), decodes it, checks
-//! the kind belongs on the topic, and adds it to the current batch. A batch
-//! is committed when it holds [`IngestConfig::batch_len_max`] messages or its
-//! oldest message has waited [`IngestConfig::linger_ms`]. Only after the
-//! commit returns are acks sealed and published: ack implies committed.
+//! the kind belongs on the topic, and adds it to the current batch. A second
+//! task, the committer, commits batches one at a time, in order; a third
+//! seals and publishes each batch's acks (in the same order) once its commit
+//! has returned: ack implies committed.
 //!
-//! While a batch commits, the link's bounded queue fills; when it is full
-//! the link thread stops reading rumqttd, which is the backpressure. Anything
-//! refused is counted by reason and logged with the device; it never stops
-//! the loop. Provisioning messages go to their own task.
+//! They overlap (group commit): while a batch commits, the next one keeps
+//! filling, and the previous one's acks go out. A batch is handed over when it holds
+//! [`IngestConfig::batch_len_max`] messages (or as many items as one store
+//! batch takes), or once its oldest message has waited
+//! [`IngestConfig::linger_ms`] *and* the committer is free. So a lone
+//! message waits about `linger_ms`, and under load batches grow while the
+//! writer is busy, which is what makes each commit (one sync) cheap per row.
+//!
+//! When the committer holds one batch and the next is full, reading stops and
+//! the link's bounded queue fills; when it is full the link thread stops
+//! reading rumqttd, which is the backpressure. Anything refused is counted by
+//! reason and logged with the device; it never stops the loop. Provisioning
+//! messages go to their own task.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::time::{Duration, timeout_at};
 use wildcam_sdk::DeviceId;
 use wildcam_sdk::protocol::{Ack, Uplink};
@@ -28,7 +37,7 @@ use crate::config::IngestConfig;
 use crate::downlink::Downlink;
 use crate::metrics::{Metrics, Rejection};
 use crate::sessions::{SessionError, Sessions};
-use crate::store::{Clock, IngestBatch, Received, Store, UplinkWindow};
+use crate::store::{AckUpdate, BATCH_ITEMS_MAX, Clock, IngestBatch, Received, Store, UplinkWindow};
 
 /// Most hello catch-ups (configuration and commands) running at once.
 const CATCH_UPS_MAX: usize = 64;
@@ -63,6 +72,40 @@ struct Pending {
     side_effects: Vec<SideEffect>,
 }
 
+impl Pending {
+    /// Messages that may still be added: below `batch_len_max`, and such that
+    /// the store batch stays within [`BATCH_ITEMS_MAX`] (a message adds at most
+    /// one item and one window).
+    fn room(&self, batch_len_max: usize) -> usize {
+        let items = self.batch.len() + self.windows.len();
+        let by_items = BATCH_ITEMS_MAX.saturating_sub(items) / 2;
+        batch_len_max.saturating_sub(self.messages).min(by_items)
+    }
+}
+
+/// A batch handed to the committer, with the permit that says it was free.
+struct Handover {
+    pending: Pending,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// What a commit leaves to do: its acks, then its side effects.
+struct Committed {
+    acks: Vec<AckUpdate>,
+    side_effects: Vec<SideEffect>,
+}
+
+/// Committed batches waiting for their acks to go out.
+const ACK_QUEUE_LEN: usize = 2;
+
+/// The committer's dependencies: commits batches in order, then acks them.
+struct Committer {
+    store: Arc<dyn Store>,
+    downlink: Downlink,
+    metrics: Arc<Metrics>,
+    clock: Arc<dyn Clock>,
+}
+
 /// Work done after the commit.
 enum SideEffect {
     Hello { device: DeviceId, config_version: u32 },
@@ -72,10 +115,19 @@ enum SideEffect {
 
 impl Ingest {
     /// Runs until the link closes or `shutdown` turns true; the batch in hand
-    /// is committed (and acked) before returning.
+    /// and the one committing are committed (and acked) before returning.
     pub async fn run(self, mut link: BrokerLink, mut shutdown: watch::Receiver<bool>) {
-        let catch_ups = Arc::new(Semaphore::new(CATCH_UPS_MAX));
-        let mut inbound = Vec::with_capacity(self.config.batch_len_max);
+        let committer = Committer {
+            store: self.store.clone(),
+            downlink: self.downlink.clone(),
+            metrics: self.metrics.clone(),
+            clock: self.clock.clone(),
+        };
+        // Capacity 1 with one permit: the committer holds at most one batch.
+        let (handover, batches) = mpsc::channel(1);
+        let committing = tokio::spawn(committer.run(batches));
+        let free = Arc::new(Semaphore::new(1));
+        let mut inbound = Vec::with_capacity(self.config.batch_len_max.min(BATCH_ITEMS_MAX));
         loop {
             let first = tokio::select! {
                 message = link.recv() => message,
@@ -84,28 +136,67 @@ impl Ingest {
             let Some(first) = first else { break };
             let mut pending = Pending::default();
             self.handle(first, &mut pending).await;
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.linger_ms);
-            while pending.messages < self.config.batch_len_max {
-                inbound.clear();
-                let room = self.config.batch_len_max - pending.messages;
-                if link.try_recv_many(&mut inbound, room) == 0 {
-                    match timeout_at(deadline, link.recv()).await {
-                        Ok(Some(message)) => inbound.push(message),
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-                for message in inbound.drain(..) {
-                    self.handle(message, &mut pending).await;
-                }
-            }
+            let (permit, link_open) = self
+                .fill(&mut link, &mut pending, &free, &mut inbound)
+                .await;
             let waiting = link
                 .stats()
                 .delivered
                 .saturating_sub(self.metrics.messages_in_total());
             self.metrics.set_ingest_queue_depth(waiting as usize);
-            self.commit(pending, &catch_ups).await;
+            if handover.send(Handover { pending, permit }).await.is_err() {
+                tracing::error!("ingest committer stopped; nothing more is stored");
+                break;
+            }
+            if !link_open {
+                break;
+            }
+        }
+        drop(handover);
+        if committing.await.is_err() {
+            tracing::error!("ingest committer panicked");
         }
         tracing::info!("ingest stopped");
+    }
+
+    /// Adds messages to `pending` until it is full, or its linger time has
+    /// passed and the committer is free; while the committer is busy the
+    /// batch keeps growing. Returns the committer's permit and whether the
+    /// link is still open.
+    async fn fill(
+        &self,
+        link: &mut BrokerLink,
+        pending: &mut Pending,
+        free: &Arc<Semaphore>,
+        inbound: &mut Vec<Inbound>,
+    ) -> (Option<OwnedSemaphorePermit>, bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.config.linger_ms);
+        let mut link_open = true;
+        while link_open && pending.room(self.config.batch_len_max) > 0 {
+            inbound.clear();
+            if link.try_recv_many(inbound, pending.room(self.config.batch_len_max)) == 0 {
+                if tokio::time::Instant::now() < deadline {
+                    match timeout_at(deadline, link.recv()).await {
+                        Ok(Some(message)) => inbound.push(message),
+                        Ok(None) => link_open = false,
+                        Err(_) => {}
+                    }
+                } else {
+                    tokio::select! {
+                        biased;
+                        permit = free.clone().acquire_owned() => return (permit.ok(), true),
+                        message = link.recv() => match message {
+                            Some(message) => inbound.push(message),
+                            None => link_open = false,
+                        },
+                    }
+                }
+            }
+            for message in inbound.drain(..) {
+                self.handle(message, pending).await;
+            }
+        }
+        (free.clone().acquire_owned().await.ok(), link_open)
     }
 
     async fn handle(&self, message: Inbound, pending: &mut Pending) {
@@ -194,37 +285,75 @@ impl Ingest {
         }
         Ok(())
     }
+}
 
-    async fn commit(&self, mut pending: Pending, catch_ups: &Arc<Semaphore>) {
+impl Committer {
+    /// Commits each batch handed over, in order, until the channel closes;
+    /// its acks and side effects go to a second task, so that the next
+    /// commit starts while they are sent.
+    async fn run(self, mut batches: mpsc::Receiver<Handover>) {
+        let this = Arc::new(self);
+        let (committed, to_acknowledge) = mpsc::channel(ACK_QUEUE_LEN);
+        let acknowledging = tokio::spawn(this.clone().acknowledge(to_acknowledge));
+        while let Some(handover) = batches.recv().await {
+            if let Some(done) = this.commit(handover).await
+                && committed.send(done).await.is_err()
+            {
+                tracing::error!("ingest ack task stopped; nothing more is acked");
+                break;
+            }
+        }
+        drop(committed);
+        if acknowledging.await.is_err() {
+            tracing::error!("ingest ack task panicked");
+        }
+    }
+
+    /// Commits one batch; `None` if the commit failed (nothing stored, nothing
+    /// to ack: the traps resend).
+    async fn commit(&self, handover: Handover) -> Option<Committed> {
+        let Handover { mut pending, permit } = handover;
         pending.batch.windows = pending
             .windows
             .drain()
             .map(|(device_id, window)| UplinkWindow { device_id, window })
             .collect();
+        let mut acks = Vec::new();
         if !pending.batch.is_empty() {
             let items = pending.batch.len();
             let detections = pending.batch.detections.len();
             let started = Instant::now();
-            match self.store.commit_batch(pending.batch).await {
-                Ok(acks) => {
+            let committed = self.store.commit_batch(pending.batch).await;
+            // Ingest may hand over the next batch now.
+            drop(permit);
+            match committed {
+                Ok(updates) => {
                     self.metrics
                         .commit(items, detections, started.elapsed().as_secs_f64());
-                    for ack in acks {
-                        let message = Ack { through: ack.acked_through };
-                        if let Err(error) = self.downlink.send(&ack.device_id, &message).await {
-                            tracing::warn!(device = ack.device_id.as_str(), %error, "ack not sent (the trap resends)");
-                        }
-                    }
+                    acks = updates;
                 }
                 Err(error) => {
-                    // Nothing was stored and nothing is acked: the traps resend.
                     tracing::error!(%error, items, "ingest commit failed");
-                    return;
+                    return None;
                 }
             }
         }
-        for effect in pending.side_effects {
-            self.apply(effect, catch_ups).await;
+        Some(Committed { acks, side_effects: pending.side_effects })
+    }
+
+    /// Sends each committed batch's acks, then applies its side effects.
+    async fn acknowledge(self: Arc<Self>, mut committed: mpsc::Receiver<Committed>) {
+        let catch_ups = Arc::new(Semaphore::new(CATCH_UPS_MAX));
+        while let Some(Committed { acks, side_effects }) = committed.recv().await {
+            for ack in acks {
+                let message = Ack { through: ack.acked_through };
+                if let Err(error) = self.downlink.send(&ack.device_id, &message).await {
+                    tracing::warn!(device = ack.device_id.as_str(), %error, "ack not sent (the trap resends)");
+                }
+            }
+            for effect in side_effects {
+                self.apply(effect, &catch_ups).await;
+            }
         }
     }
 
@@ -279,5 +408,59 @@ fn rejection_for(error: &SessionError, device: &DeviceId) -> Rejection {
             tracing::error!(device = device.as_str(), %error, "device session failed");
             Rejection::Unauthentic
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wildcam_sdk::protocol::{Classification, Detection, Trigger};
+
+    use super::*;
+
+    fn received(device: &DeviceId, seq: u32) -> Received<Detection> {
+        let detection = Detection {
+            seq,
+            captured_at: 1_795_000_000,
+            trigger: Trigger::Pir,
+            burst_index: 0,
+            burst_len: 1,
+            classes: [Classification { label: 1, confidence_pct: 90 }]
+                .into_iter()
+                .collect(),
+            bbox: None,
+            image_len: 1,
+            image_digest: [0; 8],
+            battery_mv: 3_900,
+        };
+        Received { device_id: device.clone(), received_at_ms: 0, message: detection }
+    }
+
+    #[test]
+    fn room_stops_at_batch_len_max() {
+        let device = DeviceId::new("room-1").unwrap();
+        let mut pending = Pending::default();
+        assert_eq!(pending.room(100), 100);
+        for seq in 1..=40 {
+            pending.batch.detections.push(received(&device, seq));
+            pending.messages += 1;
+        }
+        pending.windows.insert(device, ReplayWindow::new());
+        assert_eq!(pending.room(100), 60);
+        assert_eq!(pending.room(40), 0);
+    }
+
+    #[test]
+    fn room_keeps_the_store_batch_within_its_item_limit() {
+        let mut pending = Pending::default();
+        assert_eq!(pending.room(usize::MAX), BATCH_ITEMS_MAX / 2);
+        // Every message from a new device adds a detection and a window.
+        for n in 0..BATCH_ITEMS_MAX / 2 {
+            let device = DeviceId::new(&format!("room-{n}")).unwrap();
+            pending.batch.detections.push(received(&device, 1));
+            pending.windows.insert(device, ReplayWindow::new());
+            pending.messages += 1;
+        }
+        assert_eq!(pending.room(usize::MAX), 0);
+        assert_eq!(pending.batch.len() + pending.windows.len(), BATCH_ITEMS_MAX);
     }
 }

@@ -5,6 +5,7 @@
 //! - [`ci`]: everything CI checks, in order, failing fast (`cargo xtask ci`).
 //! - [`keygen`]: a new ed25519 firmware-signing key pair.
 //! - [`sign`]: a signed OTA manifest for a firmware image, and its check.
+//! - [`bench`]: the ingest benchmark (`cargo xtask bench-ingest`), fleet server or Mosquitto.
 //!
 //! Shared pieces: [`key`] loads key files, [`toolchain`] finds a compiler for the
 //! RISC-V chips, [`boundary`] checks the sdk's dependency tree, [`process`] runs
@@ -13,6 +14,7 @@
 //! To add a verb: write `src/<verb>.rs` with `Args` and `run`, add a `mod` line and
 //! a variant to [`Verb`], and one arm to [`run`].
 
+mod bench;
 mod boundary;
 mod ci;
 mod key;
@@ -46,6 +48,9 @@ enum Verb {
     Sign(sign::Args),
     /// Check a signed OTA manifest (and optionally its image) as a trap would.
     VerifyManifest(sign::VerifyArgs),
+    /// Benchmark sustained durable ingest from many MQTT clients (or the same load
+    /// through Mosquitto) and print throughput, latency, CPU and memory.
+    BenchIngest(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +71,7 @@ fn run(verb: Verb) -> anyhow::Result<()> {
         Verb::Keygen(args) => keygen::run(&args),
         Verb::Sign(args) => sign::run(&args),
         Verb::VerifyManifest(args) => sign::run_verify(&args),
+        Verb::BenchIngest(args) => bench::run(&args),
     }
 }
 
