@@ -77,11 +77,18 @@ pub struct ProvisioningConfig {
     /// unset, only traps that already have credentials can connect. Set it
     /// with `WILDCAM__PROVISIONING__PASSWORD` rather than in a file.
     pub password: Option<String>,
+    /// Claim requests accepted per minute from all traps together (1 to 600,000;
+    /// default 6,000). Each trap is also limited to 10 requests a minute and each
+    /// claim token to 20 failed proofs a minute (`provisioning.rs`).
+    pub attempts_per_minute: u32,
 }
 
 impl Default for ProvisioningConfig {
     fn default() -> Self {
-        Self { password: Some("wildcam-provisioning".into()) }
+        Self {
+            password: Some("wildcam-provisioning".into()),
+            attempts_per_minute: crate::provisioning::ATTEMPTS_PER_MINUTE,
+        }
     }
 }
 
@@ -116,15 +123,24 @@ pub struct IngestConfig {
     /// replay window per device).
     pub batch_len_max: usize,
     /// Longest a message waits for its batch to fill, milliseconds, when the
-    /// writer is free.
+    /// writer is free (at most 10,000).
+    ///
+    /// The queue in front of ingest is the broker link's channel
+    /// (`mqtt.link_capacity`); while ingest is busy it fills and the link stops
+    /// reading from the broker (see `broker/mod.rs` on what each broker does then).
     pub linger_ms: u64,
-    /// Messages waiting for ingest before the broker link blocks (backpressure).
-    pub queue_len_max: usize,
 }
+
+/// Largest [`IngestConfig::batch_len_max`]: the store's item limit per batch.
+pub const BATCH_LEN_LIMIT: usize = 10_000;
+/// Largest [`IngestConfig::linger_ms`].
+pub const LINGER_MS_LIMIT: u64 = 10_000;
+/// Largest [`ProvisioningConfig::attempts_per_minute`].
+pub const ATTEMPTS_PER_MINUTE_LIMIT: u32 = 600_000;
 
 impl Default for IngestConfig {
     fn default() -> Self {
-        Self { batch_len_max: 8_000, linger_ms: 5, queue_len_max: 20_000 }
+        Self { batch_len_max: 8_000, linger_ms: 5 }
     }
 }
 
@@ -189,9 +205,49 @@ impl Config {
             let names: Vec<&str> = overrides.keys().map(String::as_str).collect();
             format!("{origin} (with overrides {})", names.join(", "))
         };
-        toml::Value::Table(table)
+        let config: Self = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid { origin, message: e.to_string() })
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
+        config
+            .validate()
+            .map_err(|message| ConfigError::Invalid { origin, message })?;
+        Ok(config)
+    }
+
+    /// Checks the bounds of every value that has one (the broker's own are checked
+    /// again when it starts); the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let ingest = &self.ingest;
+        if !(1..=BATCH_LEN_LIMIT).contains(&ingest.batch_len_max) {
+            return Err(format!(
+                "ingest.batch_len_max must be between 1 and {BATCH_LEN_LIMIT}, not {}",
+                ingest.batch_len_max
+            ));
+        }
+        if ingest.linger_ms > LINGER_MS_LIMIT {
+            return Err(format!(
+                "ingest.linger_ms must be at most {LINGER_MS_LIMIT}, not {}",
+                ingest.linger_ms
+            ));
+        }
+        let attempts = self.provisioning.attempts_per_minute;
+        if !(1..=ATTEMPTS_PER_MINUTE_LIMIT).contains(&attempts) {
+            return Err(format!(
+                "provisioning.attempts_per_minute must be between 1 and {ATTEMPTS_PER_MINUTE_LIMIT}, not {attempts}"
+            ));
+        }
+        if self
+            .provisioning
+            .password
+            .as_deref()
+            .is_some_and(str::is_empty)
+        {
+            return Err("provisioning.password must not be empty (leave it unset to refuse claims)".into());
+        }
+        self.mqtt.validate().map_err(|e| format!("mqtt: {e}"))
     }
 }
 
@@ -279,5 +335,24 @@ mod tests {
         assert!(error.to_string().contains("WILDCAM__"), "{error}");
         let error = Config::from_sources("", "", vars(&[("WILDCAM__DATA_DIR__X", "1")])).unwrap_err();
         assert!(error.to_string().contains("WILDCAM__DATA_DIR__X"), "{error}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        for (text, key) in [
+            ("[ingest]\nbatch_len_max = 0\n", "ingest.batch_len_max"),
+            ("[ingest]\nbatch_len_max = 10001\n", "ingest.batch_len_max"),
+            ("[ingest]\nlinger_ms = 60000\n", "ingest.linger_ms"),
+            ("[provisioning]\nattempts_per_minute = 0\n", "provisioning.attempts_per_minute"),
+            ("[provisioning]\npassword = \"\"\n", "provisioning.password"),
+            ("[mqtt]\nmax_connections = 0\n", "max_connections"),
+        ] {
+            let error = Config::from_sources(text, " in a.toml", vars(&[])).unwrap_err();
+            let message = error.to_string();
+            assert!(message.contains(key) && message.contains("a.toml"), "{text}: {message}");
+        }
+        let error =
+            Config::from_sources("", "", vars(&[("WILDCAM__INGEST__BATCH_LEN_MAX", "0")])).unwrap_err();
+        assert!(error.to_string().contains("WILDCAM__INGEST__BATCH_LEN_MAX"), "{error}");
     }
 }

@@ -69,6 +69,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// Prometheus text exposition.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    let body = state.metrics.render(0, (state.link_lost)());
+    let link = state.link_stats.read();
+    let body = state.metrics.render(link.connections, link.lost);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

@@ -149,7 +149,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, with the gauges the caller measures
     /// at scrape time (connected devices, broker link losses).
-    pub fn render(&self, connected_devices: u64, link_lost: u64) -> String {
+    pub fn render(&self, connected_devices: Option<u64>, link_lost: u64) -> String {
         let mut out = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counter(
@@ -193,12 +193,14 @@ impl Metrics {
             "Messages waiting for ingest.",
             load(&self.ingest_queue_depth),
         );
-        gauge(
-            &mut out,
-            "wildcam_connected_devices",
-            "Devices with an open MQTT connection.",
-            connected_devices,
-        );
+        if let Some(connected) = connected_devices {
+            gauge(
+                &mut out,
+                "wildcam_connected_devices",
+                "MQTT connections the broker holds (devices and unclaimed traps), refreshed every second.",
+                connected,
+            );
+        }
         self.render_commit_histogram(&mut out);
         out
     }
@@ -236,7 +238,7 @@ mod tests {
         metrics.reject(Rejection::Replayed);
         metrics.reject(Rejection::Replayed);
         metrics.commit(10, 7, 0.003);
-        let text = metrics.render(4, 0);
+        let text = metrics.render(Some(4), 0);
         assert!(text.contains("wildcam_messages_in_total 1\n"), "{text}");
         assert!(text.contains("wildcam_messages_rejected_total{reason=\"replayed\"} 2\n"), "{text}");
         assert!(text.contains("wildcam_messages_rejected_total{reason=\"malformed\"} 0\n"), "{text}");
@@ -245,5 +247,11 @@ mod tests {
         assert!(text.contains("wildcam_ingest_batch_commit_seconds_bucket{le=\"0.005\"} 1\n"), "{text}");
         assert!(text.contains("wildcam_connected_devices 4\n"), "{text}");
         assert_eq!(metrics.rejected(Rejection::Replayed), 2);
+        // Not reported yet (or not known for this broker): not rendered as a false 0.
+        assert!(
+            !metrics
+                .render(None, 0)
+                .contains("wildcam_connected_devices")
+        );
     }
 }

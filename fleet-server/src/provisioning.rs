@@ -10,7 +10,9 @@
 //! - A `ClaimProof` consumes its pending claim (a replayed proof finds none),
 //!   is verified, and then, in one store transaction, the token use is
 //!   consumed and the device inserted. The credentials go back sealed.
-//! - Attempts are rate limited per claim id and overall.
+//! - Claim requests are rate limited per identity key and overall, failed
+//!   proofs per claim id (see [`ATTEMPTS_PER_IDENTITY_PER_MINUTE`],
+//!   [`FAILURES_PER_CLAIM_PER_MINUTE`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,9 +39,13 @@ use crate::store::{ClaimAuthorization, Clock, NewDevice, PasswordHash, Store, St
 pub const PENDING_TTL: Duration = Duration::from_secs(60);
 /// Most claims waiting for their proof at once.
 pub const PENDING_MAX: usize = 1_024;
-/// Claim attempts allowed per claim id per minute.
-pub const ATTEMPTS_PER_ID_PER_MINUTE: u32 = 20;
-/// Claim attempts allowed overall per minute.
+/// Claim requests allowed per device identity key per minute (a trap retrying).
+pub const ATTEMPTS_PER_IDENTITY_PER_MINUTE: u32 = 10;
+/// Failed proofs allowed per claim id per minute; beyond it the claim id is refused until
+/// the window ends, so guessing a token's secret is slowed without throttling a field team
+/// that claims hundreds of traps with one valid multi-use token.
+pub const FAILURES_PER_CLAIM_PER_MINUTE: u32 = 20;
+/// Default of [`crate::config::ProvisioningConfig::attempts_per_minute`].
 pub const ATTEMPTS_PER_MINUTE: u32 = 6_000;
 
 struct Waiting {
@@ -49,34 +55,70 @@ struct Waiting {
     since: Instant,
 }
 
-/// A fixed-window counter per key, and one overall.
-#[derive(Default)]
+/// Fixed one-minute windows: claim requests per identity key and overall, failed proofs
+/// per claim id. Every map holds at most `total` entries, so memory is bounded by the
+/// overall limit.
 struct RateLimit {
+    attempts_per_minute: u32,
     window_start: Option<Instant>,
     total: u32,
-    per_id: HashMap<String, u32>,
+    per_identity: HashMap<[u8; 32], u32>,
+    failures_per_claim: HashMap<String, u32>,
 }
 
 impl RateLimit {
-    fn allow(&mut self, claim_id: &str, now: Instant) -> bool {
+    fn new(attempts_per_minute: u32) -> Self {
+        Self {
+            attempts_per_minute,
+            window_start: None,
+            total: 0,
+            per_identity: HashMap::new(),
+            failures_per_claim: HashMap::new(),
+        }
+    }
+
+    fn roll(&mut self, now: Instant) {
         if self
             .window_start
             .is_none_or(|start| now.duration_since(start) >= Duration::from_secs(60))
         {
             self.window_start = Some(now);
             self.total = 0;
-            self.per_id.clear();
+            self.per_identity.clear();
+            self.failures_per_claim.clear();
         }
-        if self.total >= ATTEMPTS_PER_MINUTE || self.per_id.len() >= PENDING_MAX * 4 {
+    }
+
+    /// Counts a claim request; `false` if it is over a limit.
+    fn allow(&mut self, identity_key: &[u8; 32], claim_id: &str, now: Instant) -> bool {
+        self.roll(now);
+        if self.total >= self.attempts_per_minute
+            || self
+                .failures_per_claim
+                .get(claim_id)
+                .is_some_and(|failures| *failures >= FAILURES_PER_CLAIM_PER_MINUTE)
+        {
             return false;
         }
-        let count = self.per_id.entry(claim_id.to_string()).or_insert(0);
-        if *count >= ATTEMPTS_PER_ID_PER_MINUTE {
+        let count = self.per_identity.entry(*identity_key).or_insert(0);
+        if *count >= ATTEMPTS_PER_IDENTITY_PER_MINUTE {
             return false;
         }
         *count += 1;
         self.total += 1;
         true
+    }
+
+    /// Counts a proof that did not verify against `claim_id` (empty: the allow-list).
+    fn failed(&mut self, claim_id: &str, now: Instant) {
+        self.roll(now);
+        // Bounded: a failure always follows a counted request.
+        if self.failures_per_claim.len() < self.attempts_per_minute as usize {
+            *self
+                .failures_per_claim
+                .entry(claim_id.to_owned())
+                .or_insert(0) += 1;
+        }
     }
 }
 
@@ -95,13 +137,15 @@ pub struct Provisioning {
     pub metrics: Arc<Metrics>,
     /// Time for token expiry.
     pub clock: Arc<dyn Clock>,
+    /// Claim requests accepted per minute, all traps together.
+    pub attempts_per_minute: u32,
 }
 
 impl Provisioning {
     /// Serves claim messages until the channel closes.
     pub async fn run(self, mut inbound: mpsc::Receiver<Inbound>) {
         let mut waiting: HashMap<SessionId, Waiting> = HashMap::new();
-        let mut limits = RateLimit::default();
+        let mut limits = RateLimit::new(self.attempts_per_minute);
         while let Some(message) = inbound.recv().await {
             let now = Instant::now();
             waiting.retain(|_, w| now.duration_since(w.since) < PENDING_TTL);
@@ -115,7 +159,14 @@ impl Provisioning {
                         .await
                 }
                 Ok(ProvisionUp::ClaimProof(proof)) => match waiting.remove(&session) {
-                    Some(claim) => self.on_proof(session, claim, &proof).await,
+                    Some(claim) => {
+                        let claim_id = claim.claim_id.clone().unwrap_or_default();
+                        let answer = self.on_proof(session, claim, &proof).await;
+                        if matches!(answer, Err(ClaimRejectReason::ProofInvalid)) {
+                            limits.failed(&claim_id, now);
+                        }
+                        answer
+                    }
                     None => Err(ClaimRejectReason::Replayed),
                 },
                 Err(_) => {
@@ -140,7 +191,7 @@ impl Provisioning {
         limits: &mut RateLimit,
         now: Instant,
     ) -> Result<ProvisionDown, ClaimRejectReason> {
-        if !limits.allow(&request.claim_id, now)
+        if !limits.allow(&request.identity_key, &request.claim_id, now)
             || (waiting.len() >= PENDING_MAX && !waiting.contains_key(&session))
         {
             return Err(ClaimRejectReason::RateLimited);
@@ -297,15 +348,33 @@ mod tests {
     }
 
     #[test]
-    fn rate_limit_per_id_and_window() {
-        let mut limits = RateLimit::default();
+    fn rate_limit_per_identity_per_claim_failures_and_overall() {
+        let mut limits = RateLimit::new(100);
         let now = Instant::now();
-        for _ in 0..ATTEMPTS_PER_ID_PER_MINUTE {
-            assert!(limits.allow("batch-1", now));
+        // One trap retrying is limited...
+        for _ in 0..ATTEMPTS_PER_IDENTITY_PER_MINUTE {
+            assert!(limits.allow(&[1; 32], "batch-1", now));
         }
-        assert!(!limits.allow("batch-1", now));
-        assert!(limits.allow("batch-2", now));
-        assert!(limits.allow("batch-1", now + Duration::from_secs(61)));
+        assert!(!limits.allow(&[1; 32], "batch-1", now));
+        // ...but many traps share one valid multi-use token freely.
+        for trap in 2..60u8 {
+            assert!(limits.allow(&[trap; 32], "batch-1", now), "trap {trap}");
+        }
+        // Failed proofs lock the claim id for the window, not other ids.
+        for _ in 0..FAILURES_PER_CLAIM_PER_MINUTE {
+            limits.failed("batch-1", now);
+        }
+        assert!(!limits.allow(&[70; 32], "batch-1", now));
+        assert!(limits.allow(&[70; 32], "batch-2", now));
+        // The overall limit holds whatever the keys.
+        for trap in 71..=101u8 {
+            let _ = limits.allow(&[trap; 32], "batch-3", now);
+        }
+        assert!(!limits.allow(&[200; 32], "batch-4", now));
+        // A new window starts afresh.
+        let later = now + Duration::from_secs(61);
+        assert!(limits.allow(&[1; 32], "batch-1", later));
+        assert!(limits.allow(&[200; 32], "batch-4", later));
     }
 
     #[test]

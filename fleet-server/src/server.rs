@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use wildcam_sdk::provision::ServerIdentity;
 
-use crate::broker::{EmbeddedBroker, Publisher};
+use crate::broker::{EmbeddedBroker, LinkStatsReader, Publisher};
 use crate::config::Config;
 use crate::credentials::CredentialCache;
 use crate::downlink::Downlink;
@@ -47,8 +47,9 @@ pub struct AppState {
     pub identity_public_key: [u8; 32],
     /// Timestamps.
     pub clock: Arc<dyn Clock>,
-    /// Messages the broker dropped before ingest read them.
-    pub link_lost: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Counters of the broker link (messages lost before ingest read them,
+    /// connections held by the broker).
+    pub link_stats: LinkStatsReader,
     /// Where the embedded broker listens for MQTT 3.1.1 (shown by the API).
     pub mqtt_v4: SocketAddr,
     /// Where the embedded broker listens for MQTT 5 (shown by the API).
@@ -104,12 +105,13 @@ impl Server {
             downlink: downlink.clone(),
             identity_public_key: identity.public_key(),
             clock: clock.clone(),
-            link_lost: Arc::new(move || link_stats.read().lost),
+            link_stats,
             mqtt_v4: broker.listen_v4(),
             mqtt_v5: broker.listen_v5(),
         };
         let (stop, stop_rx) = watch::channel(false);
-        let provisioning = spawn_provisioning(&state, identity, publisher);
+        let provisioning =
+            spawn_provisioning(&state, identity, publisher, config.provisioning.attempts_per_minute);
         let ingest =
             Ingest { store, sessions, downlink, metrics, clock, config: config.ingest.clone(), provisioning };
         let ingest = tokio::spawn(ingest.run(link, stop_rx.clone()));
@@ -142,10 +144,16 @@ impl Server {
     }
 
     /// Stops intake, commits and acks what ingest holds, closes the store.
+    ///
+    /// The broker link stays up until ingest has committed its last batch, so
+    /// that batch is acknowledged; messages the broker delivers after intake
+    /// stopped are not acknowledged, and traps resend them.
     pub async fn shutdown(self) -> Result<()> {
         let _ = self.stop.send(true);
+        if self.ingest.await.is_err() {
+            tracing::error!("ingest task panicked");
+        }
         self.broker.shutdown();
-        let _ = self.ingest.await;
         let _ = self.http.await;
         self.state
             .store
@@ -161,6 +169,7 @@ fn spawn_provisioning(
     state: &AppState,
     identity: ServerIdentity,
     publisher: Publisher,
+    attempts_per_minute: u32,
 ) -> mpsc::Sender<crate::broker::Inbound> {
     let (sender, receiver) = mpsc::channel(PROVISIONING_QUEUE_LEN);
     let service = Provisioning {
@@ -170,6 +179,7 @@ fn spawn_provisioning(
         credentials: state.credentials.clone(),
         metrics: state.metrics.clone(),
         clock: state.clock.clone(),
+        attempts_per_minute,
     };
     tokio::spawn(service.run(receiver));
     sender

@@ -7,9 +7,13 @@ mod common;
 use common::*;
 use wildcam_fleet_server::Server;
 use wildcam_fleet_server::metrics::Rejection;
-use wildcam_fleet_server::store::{DetectionQuery, PageRequest, Store, generate_claim_token};
-use wildcam_sdk::protocol::{Ack, Message, Uplink, encode};
+use wildcam_fleet_server::store::{
+    DetectionQuery, DeviceQuery, PageRequest, SqliteConfig, SqliteStore, Store, generate_claim_token,
+};
+use wildcam_sdk::protocol::{Ack, Message, ProvisionDown, Uplink, encode};
+use wildcam_sdk::provision::ClaimRejectReason;
 use wildcam_sdk::seal::{SEAL_OVERHEAD, Sealer};
+use wildcam_sdk::topic::SessionId;
 use wildcam_sdk::topic::{self, Direction};
 
 const DAY_MS: i64 = 86_400_000;
@@ -35,19 +39,18 @@ async fn claim_token(server: &Server, uses: u32) -> String {
 }
 
 async fn stored_seqs(store: &dyn Store, trap: &TestTrap) -> Vec<u32> {
-    let query = DetectionQuery {
+    let mut query = DetectionQuery {
         device_id: Some(trap.id.clone()),
         page: PageRequest::first(1000),
         ..Default::default()
     };
-    let mut seqs: Vec<u32> = store
-        .query_detections(query)
-        .await
-        .expect("query")
-        .items
-        .iter()
-        .map(|d| d.detection.seq)
-        .collect();
+    let mut seqs = Vec::new();
+    loop {
+        let page = store.query_detections(query.clone()).await.expect("query");
+        seqs.extend(page.items.iter().map(|d| d.detection.seq));
+        let Some(next) = page.next else { break };
+        query.page = PageRequest::after(1000, next);
+    }
     seqs.sort_unstable();
     seqs
 }
@@ -182,6 +185,119 @@ async fn provisioning_refuses_bad_claims() {
             .is_err()
     );
     server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_acks_every_committed_detection() {
+    let (server, dir) = start().await;
+    let mut trap = provisioned_trap(&server, 41).await;
+    for seq in 1..=100 {
+        trap.send(&detection(seq)).await;
+    }
+    assert_eq!(trap.wait_ack(100).await, Ok(100));
+    for seq in 101..=2_000 {
+        trap.send(&detection(seq)).await;
+    }
+    // Stop while detections are streaming in.
+    assert!(
+        trap.wait_ack(150)
+            .await
+            .is_ok_and(|through| through < 2_000)
+    );
+    server.shutdown().await.expect("clean shutdown");
+    // Whatever the last batch held was committed and acknowledged before the
+    // broker link closed: the trap's last ack covers every stored detection.
+    let mut acked = 100;
+    while let Ok(through) = trap
+        .wait_ack_within(acked + 1, std::time::Duration::from_millis(1_000))
+        .await
+    {
+        acked = through;
+    }
+    let store = SqliteStore::open(SqliteConfig::new(dir.path().to_path_buf()))
+        .await
+        .expect("store reopens");
+    let stored = stored_seqs(&store, &trap).await;
+    assert_eq!(stored, (1..=acked).collect::<Vec<_>>(), "acked through {acked}");
+    store.close().await.expect("closes");
+}
+
+#[tokio::test]
+async fn replayed_proofs_are_refused_and_consume_nothing() {
+    let (server, _dir) = start().await;
+    let addr = server.mqtt_v4();
+    let token = claim_token(&server, 5).await;
+    let claim_id = token.split_once('.').unwrap().0.to_owned();
+    let (_, mut captured) = provision_capturing(addr, Some(&token), [21; 32])
+        .await
+        .expect("claimed");
+    // The same proof again on its own session: the pending claim is gone.
+    captured
+        .mqtt
+        .publish(&captured.up_topic, captured.proof.clone())
+        .await;
+    let answer = next_provision_answer(&mut captured.mqtt).await;
+    assert!(
+        matches!(&answer, Ok(ProvisionDown::ClaimRejected(r)) if r.reason == ClaimRejectReason::Replayed),
+        "{answer:?}"
+    );
+    // An eavesdropper replays request and proof on a session of its own: the
+    // server's new challenge has a fresh nonce and key, so the old proof fails.
+    let session = SessionId::from_random([0x77; 8]);
+    let mut attacker = connect_unclaimed(addr, &session).await.expect("connects");
+    let up = topic::provision_topic(&session, Direction::Up);
+    attacker
+        .publish(up.as_str(), captured.request.clone())
+        .await;
+    let answer = next_provision_answer(&mut attacker).await;
+    assert!(matches!(answer, Ok(ProvisionDown::ClaimChallenge(_))), "{answer:?}");
+    attacker.publish(up.as_str(), captured.proof.clone()).await;
+    let answer = next_provision_answer(&mut attacker).await;
+    assert!(
+        matches!(&answer, Ok(ProvisionDown::ClaimRejected(r)) if r.reason == ClaimRejectReason::ProofInvalid),
+        "{answer:?}"
+    );
+    // Neither replay used the token or created a device.
+    let store = server.state().store.clone();
+    let info = store
+        .get_claim_token(claim_id)
+        .await
+        .expect("query")
+        .expect("token");
+    assert_eq!(info.uses, 1, "only the genuine claim used the token");
+    let devices = store
+        .list_devices(DeviceQuery::default())
+        .await
+        .expect("query");
+    assert_eq!(devices.items.len(), 1);
+    server.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn connected_devices_follow_the_broker() {
+    let (server, _dir) = start().await;
+    let first = provisioned_trap(&server, 31).await;
+    let second = provisioned_trap(&server, 32).await;
+    wait_for_gauge(&server, "wildcam_connected_devices", 2).await;
+    drop(second);
+    wait_for_gauge(&server, "wildcam_connected_devices", 1).await;
+    drop(first);
+    wait_for_gauge(&server, "wildcam_connected_devices", 0).await;
+    server.shutdown().await.expect("clean shutdown");
+}
+
+/// Polls `/metrics` until the gauge `name` reads `value` (rumqttd reports every second).
+async fn wait_for_gauge(server: &Server, name: &str, value: u64) {
+    let line = format!("\n{name} {value}\n");
+    let mut last = String::new();
+    for _ in 0..50 {
+        last = http_get(server.http(), "/metrics").await;
+        if last.contains(&line) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    panic!("{name} never reached {value}:\n{last}");
 }
 
 #[tokio::test]

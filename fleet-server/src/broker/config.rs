@@ -150,6 +150,9 @@ pub struct MemoryEstimate {
     pub worst: u64,
 }
 
+/// How often rumqttd reports its router meters (connection count), in seconds.
+pub(super) const METER_INTERVAL_S: u64 = 1;
+
 /// Size of one rumqttd commit-log entry besides its bytes (`PublishData`: a `Publish` of
 /// 72 bytes, optional MQTT 5 properties of 144 and a timestamp of 16, on rumqttd 0.20 /
 /// 64-bit), checked by the unit test `entry_overhead_matches_rumqttd`.
@@ -205,17 +208,30 @@ impl BrokerConfig {
     }
 
     /// The rumqttd configuration: both listeners with `auth` as their (only) credential
-    /// check, no TLS, no console, metrics or cluster.
-    pub(super) fn to_rumqttd(&self, auth: &rumqttd::AuthHandler) -> rumqttd::Config {
+    /// check, router meters every [`METER_INTERVAL_S`] seconds (read by the link for the
+    /// connection count), no TLS, no console, Prometheus exporter or cluster.
+    pub(super) fn to_rumqttd(&self, auth: &rumqttd::AuthHandler) -> Result<rumqttd::Config, BrokerError> {
         let v4 = self.server("wildcam-v4", self.listen_v4, auth);
         let v5 = self.server("wildcam-v5", self.listen_v5, auth);
-        rumqttd::Config {
+        // rumqttd's `MetricSettings` has private fields: it is built the way rumqttd reads it.
+        let every = |seconds: u64| -> Result<rumqttd::MetricSettings, BrokerError> {
+            toml::from_str(&format!("push_interval = {seconds}"))
+                .map_err(|e| BrokerError::InvalidConfig(format!("rumqttd metric settings: {e}")))
+        };
+        // rumqttd 0.20's timer thread panics unless both kinds are configured. Alerts
+        // (cursor jumps, which the link detects itself) are taken and dropped.
+        let metrics = HashMap::from([
+            (rumqttd::MetricType::Meters, every(METER_INTERVAL_S)?),
+            (rumqttd::MetricType::Alerts, every(60)?),
+        ]);
+        Ok(rumqttd::Config {
             id: 0,
             router: self.router(),
             v4: Some(HashMap::from([(v4.name.clone(), v4)])),
             v5: Some(HashMap::from([(v5.name.clone(), v5)])),
+            metrics: Some(metrics),
             ..rumqttd::Config::default()
-        }
+        })
     }
 
     fn server(&self, name: &str, listen: SocketAddr, auth: &rumqttd::AuthHandler) -> rumqttd::ServerSettings {

@@ -8,17 +8,20 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::meters::MetersLink;
 use rumqttd::protocol::{Packet, SubscribeReasonCode};
-use rumqttd::{Forward, Notification};
+use rumqttd::{Forward, Meter, Notification};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use super::auth::AuthGate;
+use super::config::METER_INTERVAL_S;
 use super::link::{
     Command, Counters, SharedPending, close_pending, confirm_pending, push_pending, withdraw_pending,
 };
 use super::{
-    Authenticator, BrokerConfig, BrokerError, BrokerLink, Inbound, LINK_CLIENT_ID, LINK_FILTERS, Publisher,
+    Authenticator, BrokerConfig, BrokerError, BrokerLink, HEARTBEAT_TOPIC, Inbound, LINK_CLIENT_ID,
+    LINK_FILTERS, Publisher,
 };
 
 /// Pause between two readiness probes of a listener.
@@ -51,15 +54,18 @@ impl EmbeddedBroker {
         let (listen_v5, reserved_v5) = reserve(config.listen_v5)?;
         let config = BrokerConfig { listen_v4, listen_v5, ..config };
         let gate = AuthGate::new(authenticator);
-        let broker = rumqttd::Broker::new(config.to_rumqttd(&gate.handler()));
+        let broker = rumqttd::Broker::new(config.to_rumqttd(&gate.handler())?);
         let (link_tx, link_rx) = broker
             .link(LINK_CLIENT_ID)
             .map_err(|e| BrokerError::Link(e.to_string()))?;
+        let meters = broker
+            .meters()
+            .map_err(|e| BrokerError::Link(e.to_string()))?;
         let (stop, stop_rx) = watch::channel(false);
-        let (link, link_thread) = spawn_link(link_tx, link_rx, &config, stop_rx)?;
+        let (link, link_thread) = spawn_link(link_tx, link_rx, meters, &config, stop_rx)?;
         let mut this =
             Self { listen_v4, listen_v5, gate, stop, link_thread: Some(link_thread), broker_thread: None };
-        for filter in LINK_FILTERS {
+        for filter in LINK_FILTERS.into_iter().chain([HEARTBEAT_TOPIC]) {
             link.subscribe(filter).await?;
         }
         drop((reserved_v4, reserved_v5));
@@ -177,10 +183,11 @@ fn spawn_broker(mut broker: rumqttd::Broker) -> Result<JoinHandle<()>, BrokerErr
 }
 
 /// Starts the link's worker thread: a single-threaded runtime running the inbound and
-/// outbound halves side by side.
+/// outbound halves and the meter reader side by side.
 fn spawn_link(
     link_tx: LinkTx,
     link_rx: LinkRx,
+    meters: MetersLink,
     config: &BrokerConfig,
     stop: watch::Receiver<bool>,
 ) -> Result<(BrokerLink, JoinHandle<()>), BrokerError> {
@@ -189,6 +196,7 @@ fn spawn_link(
     let counters = Arc::new(Counters::default());
     let pending = SharedPending::default();
     let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
         .map_err(|source| BrokerError::Spawn { what: "link runtime", source })?;
     let inward = Inward {
@@ -198,9 +206,10 @@ fn spawn_link(
         pending: Arc::clone(&pending),
         offsets: OffsetTracker::default(),
     };
-    let outward = Outward { tx: link_tx, commands: commands_rx, pending };
+    let outward = Outward { tx: link_tx, commands: commands_rx, pending, heartbeat_subscribed: false };
+    let meter = read_meters(meters, Arc::clone(&counters), stop.clone());
     let work = async move {
-        tokio::join!(inward.run(stop.clone()), outward.run(stop));
+        tokio::join!(inward.run(stop.clone()), outward.run(stop), meter);
     };
     let thread = thread::Builder::new()
         .name("wildcam-mqtt-link".into())
@@ -287,6 +296,9 @@ impl Inward {
         if let Some((_, offset)) = cursor {
             self.count_gap(&topic, offset);
         }
+        if topic == HEARTBEAT_TOPIC {
+            return ControlFlow::Continue(());
+        }
         let inbound = Inbound { topic, payload: publish.payload };
         tokio::select! {
             biased;
@@ -339,15 +351,25 @@ struct Outward {
     tx: LinkTx,
     commands: mpsc::Receiver<Command>,
     pending: SharedPending,
+    /// The subscription to [`HEARTBEAT_TOPIC`] went to the router (before any heartbeat).
+    heartbeat_subscribed: bool,
 }
 
 impl Outward {
     async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(METER_INTERVAL_S));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let command = tokio::select! {
                 biased;
                 _ = stop.changed() => break,
                 command = self.commands.recv() => command,
+                // Only once the link subscribes to it: rumqttd disconnects a client that
+                // publishes to a topic no filter matches.
+                _ = heartbeat.tick(), if self.heartbeat_subscribed => Some(Command::Publish {
+                    topic: HEARTBEAT_TOPIC.to_owned(),
+                    payload: bytes::Bytes::from_static(b"1"),
+                }),
             };
             let Some(command) = command else { break };
             if let Err(error) = self.execute(command) {
@@ -366,13 +388,38 @@ impl Outward {
                 if !push_pending(&self.pending, filter.clone(), done) {
                     return Ok(());
                 }
-                self.tx
+                let heartbeat = filter == HEARTBEAT_TOPIC;
+                let sent = self
+                    .tx
                     .subscribe(filter)
                     .map(drop)
-                    .inspect_err(|_| withdraw_pending(&self.pending))
+                    .inspect_err(|_| withdraw_pending(&self.pending));
+                self.heartbeat_subscribed |= heartbeat && sent.is_ok();
+                sent
             }
         };
         sent.map_err(|error| BrokerError::Link(error.to_string()))
+    }
+}
+
+/// Reads rumqttd's router meters into the link's connection count until `stop`.
+async fn read_meters(meters: MetersLink, counters: Arc<Counters>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let batch = tokio::select! {
+            biased;
+            _ = stop.changed() => break,
+            batch = meters.next() => batch,
+        };
+        let Ok(batch) = batch else {
+            tracing::warn!("broker link: rumqttd's meters stopped; connection count frozen");
+            break;
+        };
+        for meter in batch {
+            if let Meter::Router(_, router) = meter {
+                // The in-process link is one of the router's connections.
+                counters.connections(router.total_connections.saturating_sub(1) as u64);
+            }
+        }
     }
 }
 

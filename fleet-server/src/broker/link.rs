@@ -36,13 +36,26 @@ pub struct LinkStats {
     /// Messages the broker dropped before the link could read them (its retention was
     /// exceeded while the consumer was slow), detected from commit-log offsets.
     pub lost: u64,
+    /// MQTT client connections the broker holds (devices and unclaimed traps, not the
+    /// link), as last reported; `None` until the broker reports it.
+    pub connections: Option<u64>,
 }
 
+/// Marks [`Counters::connections`] as not reported yet.
+const UNKNOWN: u64 = u64::MAX;
+
 /// Shared counters behind [`LinkStats`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Counters {
     delivered: AtomicU64,
     lost: AtomicU64,
+    connections: AtomicU64,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self { delivered: AtomicU64::new(0), lost: AtomicU64::new(0), connections: AtomicU64::new(UNKNOWN) }
+    }
 }
 
 impl Counters {
@@ -54,10 +67,17 @@ impl Counters {
         self.lost.fetch_add(count, Ordering::Relaxed);
     }
 
+    pub(super) fn connections(&self, count: u64) {
+        self.connections
+            .store(count.min(UNKNOWN - 1), Ordering::Relaxed);
+    }
+
     fn snapshot(&self) -> LinkStats {
+        let connections = self.connections.load(Ordering::Relaxed);
         LinkStats {
             delivered: self.delivered.load(Ordering::Relaxed),
             lost: self.lost.load(Ordering::Relaxed),
+            connections: (connections != UNKNOWN).then_some(connections),
         }
     }
 }
@@ -263,7 +283,7 @@ impl BrokerLink {
         self.publisher.subscribe(filter).await
     }
 
-    /// Delivered and lost counts so far.
+    /// Delivered and lost counts so far, and the broker's connection count.
     pub fn stats(&self) -> LinkStats {
         self.counters.snapshot()
     }

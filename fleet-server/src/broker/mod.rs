@@ -111,6 +111,12 @@ use std::net::SocketAddr;
 /// Client id of the in-process link; refused to network clients.
 pub const LINK_CLIENT_ID: &str = "wildcam-ingest";
 
+/// Topic the embedded link publishes to (and subscribes to, dropping what it reads) once
+/// per meter interval. rumqttd reports its router meters, which carry the connection
+/// count, only for an interval with at least one publish; this keeps the count fresh on
+/// an idle fleet. A device publishing here is ignored. Never leaves the process.
+pub const HEARTBEAT_TOPIC: &str = "wc/v1/srv/heartbeat";
+
 /// Filters the link subscribes to before the listeners open: every device uplink and
 /// every provisioning request (`docs/protocol.md`).
 pub const LINK_FILTERS: [&str; 2] = ["wc/v1/dev/+/up/#", "wc/v1/prov/+/up"];

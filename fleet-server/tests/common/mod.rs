@@ -117,54 +117,79 @@ pub async fn provision(
     token: Option<&str>,
     identity_seed: [u8; 32],
 ) -> Result<Provisioned, String> {
+    provision_capturing(addr, token, identity_seed)
+        .await
+        .map(|(provisioned, _)| provisioned)
+}
+
+/// What an eavesdropper on the provisioning topic saw of a successful claim.
+pub struct CapturedClaim {
+    /// The encoded `ClaimRequest`.
+    pub request: Vec<u8>,
+    /// The encoded `ClaimProof`.
+    pub proof: Vec<u8>,
+    /// The claim's session topic (up direction).
+    pub up_topic: String,
+    /// The unclaimed trap's connection, still subscribed to its session's answers.
+    pub mqtt: Mqtt,
+}
+
+/// [`provision`], also returning the messages the trap published.
+pub async fn provision_capturing(
+    addr: SocketAddr,
+    token: Option<&str>,
+    identity_seed: [u8; 32],
+) -> Result<(Provisioned, CapturedClaim), String> {
     let session = SessionId::from_random(identity_seed[..8].try_into().expect("8 bytes"));
-    let mut mqtt = Mqtt::connect(
+    let mut mqtt = connect_unclaimed(addr, &session).await?;
+    let claim = token.map(|t| ClaimToken::parse(t).expect("well-formed token"));
+    let mut device =
+        Provisioner::new(DeviceIdentity::from_seed(identity_seed), claim, session, [0x5a; 32], None);
+    let up = topic::provision_topic(&session, Direction::Up);
+    let request = encode_set(|b| {
+        ProvisionUp::ClaimRequest(device.request())
+            .encode(b)
+            .map(|e| e.len())
+    });
+    mqtt.publish(&up, request.clone()).await;
+    let challenge = match next_provision_down(&mut mqtt).await? {
+        ProvisionDown::ClaimChallenge(challenge) => challenge,
+        other => return Err(format!("expected a challenge, got {other:?}")),
+    };
+    let proof = device.on_challenge(&challenge).map_err(|e| e.to_string())?;
+    let proof = encode_set(|b| ProvisionUp::ClaimProof(proof).encode(b).map(|e| e.len()));
+    mqtt.publish(&up, proof.clone()).await;
+    let provisioned = match next_provision_down(&mut mqtt).await? {
+        ProvisionDown::Credentials(mut sealed) => device
+            .on_credentials(&mut sealed.frame)
+            .map_err(|e| e.to_string())?,
+        other => return Err(format!("expected credentials, got {other:?}")),
+    };
+    Ok((provisioned, CapturedClaim { request, proof, up_topic: up.as_str().to_owned(), mqtt }))
+}
+
+/// Connects with the shared provisioning account and subscribes to `session`'s answers.
+pub async fn connect_unclaimed(addr: SocketAddr, session: &SessionId) -> Result<Mqtt, String> {
+    let mqtt = Mqtt::connect(
         addr,
         &format!("unclaimed-{}", session.as_str()),
         PROVISION_USERNAME,
         "wildcam-provisioning",
     )
     .await?;
-    mqtt.subscribe(&topic::provision_topic(&session, Direction::Down))
+    mqtt.subscribe(&topic::provision_topic(session, Direction::Down))
         .await;
-    let claim = token.map(|t| ClaimToken::parse(t).expect("well-formed token"));
-    let mut device =
-        Provisioner::new(DeviceIdentity::from_seed(identity_seed), claim, session, [0x5a; 32], None);
-    let up = topic::provision_topic(&session, Direction::Up);
-    mqtt.publish(
-        &up,
-        encode_set(|b| {
-            ProvisionUp::ClaimRequest(device.request())
-                .encode(b)
-                .map(|e| e.len())
-        }),
-    )
-    .await;
-    let challenge = match next_provision_down(&mut mqtt).await? {
-        ProvisionDown::ClaimChallenge(challenge) => challenge,
-        other => return Err(format!("expected a challenge, got {other:?}")),
-    };
-    let proof = device.on_challenge(&challenge).map_err(|e| e.to_string())?;
-    mqtt.publish(
-        &up,
-        encode_set(|b| {
-            ProvisionUp::ClaimProof(proof.clone())
-                .encode(b)
-                .map(|e| e.len())
-        }),
-    )
-    .await;
-    match next_provision_down(&mut mqtt).await? {
-        ProvisionDown::Credentials(mut sealed) => device
-            .on_credentials(&mut sealed.frame)
-            .map_err(|e| e.to_string()),
-        other => Err(format!("expected credentials, got {other:?}")),
-    }
+    Ok(mqtt)
+}
+
+/// The next answer on a provisioning session, rejections included.
+pub async fn next_provision_answer(mqtt: &mut Mqtt) -> Result<ProvisionDown, String> {
+    let (_, payload) = mqtt.next().await.ok_or("no provisioning answer")?;
+    ProvisionDown::decode(&payload).map_err(|e| e.to_string())
 }
 
 async fn next_provision_down(mqtt: &mut Mqtt) -> Result<ProvisionDown, String> {
-    let (_, payload) = mqtt.next().await.ok_or("no provisioning answer")?;
-    match ProvisionDown::decode(&payload).map_err(|e| e.to_string())? {
+    match next_provision_answer(mqtt).await? {
         ProvisionDown::ClaimRejected(rejected) => Err(format!("rejected: {:?}", rejected.reason)),
         other => Ok(other),
     }
