@@ -362,7 +362,10 @@ impl Outward {
         loop {
             let command = tokio::select! {
                 biased;
-                _ = stop.changed() => break,
+                _ = stop.changed() => {
+                    self.drain();
+                    break;
+                }
                 command = self.commands.recv() => command,
                 // Only once the link subscribes to it: rumqttd disconnects a client that
                 // publishes to a topic no filter matches.
@@ -378,6 +381,19 @@ impl Outward {
             }
         }
         tracing::debug!("broker link: outbound half stopped");
+    }
+
+    /// Hands rumqttd the publishes queued before the stop (the acks of ingest's last
+    /// commit among them); the queue is bounded, so this is brief.
+    fn drain(&mut self) {
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Publish { .. } = command
+                && self.execute(command).is_err()
+            {
+                break;
+            }
+        }
     }
 
     /// Hands one command to rumqttd; fails only when its router is gone.

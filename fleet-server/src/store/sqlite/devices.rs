@@ -17,12 +17,12 @@ use crate::store::{
 };
 
 /// Every column of the registry view, groups and tags as JSON arrays.
-const DEVICE_SELECT: &str = "SELECT d.*,
+const DEVICE_SELECT: &str = "SELECT d.*, i.acked_through, i.last_seen_at_ms,
     (SELECT json_group_array(name) FROM
         (SELECT name FROM device_groups WHERE device_id = d.id ORDER BY name)) AS groups_json,
     (SELECT json_group_array(tag) FROM
         (SELECT tag FROM device_tags WHERE device_id = d.id ORDER BY tag)) AS tags_json
-    FROM devices d";
+    FROM devices d JOIN device_ingest i ON i.device_id = d.id";
 
 /// Registers a device, consuming the claim's authorization.
 fn create(tx: &Connection, now: UnixMillis, new: &NewDevice) -> Result<Device, StoreError> {
@@ -43,6 +43,8 @@ fn create(tx: &Connection, now: UnixMillis, new: &NewDevice) -> Result<Device, S
         claim_id,
         now
     ])?;
+    tx.prepare_cached("INSERT INTO device_ingest (device_id) VALUES (?1)")?
+        .execute([new.id.as_str()])?;
     get(tx, &new.id)?.ok_or_else(|| StoreError::corrupt("device vanished after insert"))
 }
 
@@ -120,7 +122,7 @@ fn list(conn: &Connection, query: &DeviceQuery) -> Result<Page<Device>, StoreErr
         sql.and("d.site = ?", [text(site)]);
     }
     if let Some(since) = query.seen_since_ms {
-        sql.and("d.last_seen_at_ms >= ?", [int(since)]);
+        sql.and("i.last_seen_at_ms >= ?", [int(since)]);
     }
     if let Some(cursor) = &query.page.cursor {
         let [after] = cursor.decode("dev", 1)?[..] else {
@@ -276,8 +278,8 @@ fn credentials(conn: &Connection, id: &DeviceId) -> Result<Option<DeviceCredenti
 fn keys(conn: &Connection, id: &DeviceId) -> Result<Option<DeviceKeys>, StoreError> {
     first(
         conn,
-        "SELECT session_key, uplink_highest, uplink_bitmap, downlink_reservation, status
-         FROM devices WHERE id = ?1",
+        "SELECT d.session_key, i.uplink_highest, i.uplink_bitmap, d.downlink_reservation, d.status
+         FROM devices d JOIN device_ingest i ON i.device_id = d.id WHERE d.id = ?1",
         [id.as_str()],
         |row| {
             Ok(DeviceKeys {

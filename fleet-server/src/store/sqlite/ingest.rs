@@ -51,7 +51,7 @@ impl Devices {
 fn load_state(tx: &Connection, id: &DeviceId) -> Result<DeviceState, StoreError> {
     first(
         tx,
-        "SELECT acked_through, uplink_highest, uplink_bitmap FROM devices WHERE id = ?1",
+        "SELECT acked_through, uplink_highest, uplink_bitmap FROM device_ingest WHERE device_id = ?1",
         [id.as_str()],
         |row| {
             Ok(DeviceState {
@@ -128,10 +128,10 @@ fn commit(
 fn finish_devices(tx: &Connection, devices: Devices) -> Result<Vec<AckUpdate>, StoreError> {
     let mut acks = Vec::new();
     let mut update = tx.prepare_cached(
-        "UPDATE devices SET acked_through = ?2, uplink_highest = ?3, uplink_bitmap = ?4,
+        "UPDATE device_ingest SET acked_through = ?2, uplink_highest = ?3, uplink_bitmap = ?4,
              last_seen_at_ms = CASE WHEN ?5 IS NULL THEN last_seen_at_ms
                                     ELSE max(coalesce(last_seen_at_ms, ?5), ?5) END
-         WHERE id = ?1",
+         WHERE device_id = ?1",
     )?;
     for (id, state) in devices.0 {
         let acked = advance_contiguous(tx, &id, state.acked)?;

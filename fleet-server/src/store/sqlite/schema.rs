@@ -195,8 +195,30 @@ CREATE TABLE api_tokens (
 ) STRICT;
 "#;
 
+/// Version 2: the state ingest rewrites on every batch (contiguous ack,
+/// replay window, last seen) moves from the wide `devices` row (hello fields,
+/// last health JSON, configuration JSON) to a narrow table of its own, so a
+/// batch touching many devices rewrites ~50 bytes per device instead of the
+/// whole registry row and its last-seen index.
+const V2: &str = r#"
+CREATE TABLE device_ingest (
+    device_id       TEXT PRIMARY KEY NOT NULL REFERENCES devices (id),
+    acked_through   INTEGER NOT NULL DEFAULT 0,
+    uplink_highest  INTEGER NOT NULL DEFAULT 0,
+    uplink_bitmap   INTEGER NOT NULL DEFAULT 0,  -- u64 bits stored as i64
+    last_seen_at_ms INTEGER
+) STRICT, WITHOUT ROWID;
+INSERT INTO device_ingest (device_id, acked_through, uplink_highest, uplink_bitmap, last_seen_at_ms)
+    SELECT id, acked_through, uplink_highest, uplink_bitmap, last_seen_at_ms FROM devices;
+DROP INDEX devices_by_last_seen;
+ALTER TABLE devices DROP COLUMN last_seen_at_ms;
+ALTER TABLE devices DROP COLUMN acked_through;
+ALTER TABLE devices DROP COLUMN uplink_highest;
+ALTER TABLE devices DROP COLUMN uplink_bitmap;
+"#;
+
 /// Every migration, in order; entry `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[V1];
+const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this code writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -333,6 +355,35 @@ mod tests {
             .pragma_query_value(None, "journal_mode", |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn version_2_keeps_the_ingest_state_of_a_version_1_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.execute_batch(V1).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL) STRICT;
+             INSERT INTO schema_version VALUES (1, 1);
+             INSERT INTO devices (id, identity_key, mqtt_password_hash, session_key, created_at_ms,
+                                  last_seen_at_ms, acked_through, uplink_highest, uplink_bitmap)
+             VALUES ('wc-1', zeroblob(32), zeroblob(32), zeroblob(32), 5, 1234, 17, 20, -1);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        assert_eq!(applied_version(&conn).unwrap(), SCHEMA_VERSION);
+        let row: (u32, u32, i64, Option<i64>) = conn
+            .query_row(
+                "SELECT acked_through, uplink_highest, uplink_bitmap, last_seen_at_ms
+                 FROM device_ingest WHERE device_id = 'wc-1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (17, 20, -1, Some(1234)));
+        let moved = conn.prepare("SELECT acked_through FROM devices").is_err();
+        assert!(moved, "the column left the devices table");
     }
 
     #[test]
