@@ -7,6 +7,21 @@
 //! `WILDCAM__HTTP__LISTEN=0.0.0.0:8080` or `WILDCAM__DATA_DIR=/var/lib/wildcam`.
 //! Values parse as TOML scalars (`true`, `42`, `"text"`); anything that does
 //! not parse is taken as a string.
+//!
+//! The MQTT side runs in one of two modes. By default the server embeds rumqttd,
+//! configured by `[mqtt]`. With `[external_mqtt]` `enabled = true` (or
+//! `WILDCAM__EXTERNAL_MQTT__ENABLED=true`) it connects to an external broker
+//! instead, as an MQTT 5 client with shared subscriptions, and `[mqtt]` is not
+//! used; see [`crate::broker::ExternalBrokerConfig`]:
+//!
+//! ```toml
+//! [external_mqtt]
+//! enabled = true
+//! host = "mosquitto.internal"
+//! port = 1883
+//! client_id = "wildcam-fleet-1"
+//! username = "wildcam-fleet"     # password: WILDCAM__EXTERNAL_MQTT__PASSWORD
+//! ```
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -44,8 +59,10 @@ pub enum ConfigError {
 pub struct Config {
     /// Where the database and blobs live; created on first start.
     pub data_dir: PathBuf,
-    /// The embedded MQTT broker.
+    /// The embedded MQTT broker (unused when `external_mqtt.enabled`).
     pub mqtt: crate::broker::BrokerConfig,
+    /// An external MQTT broker to use instead of the embedded one (disabled by default).
+    pub external_mqtt: crate::broker::ExternalBrokerConfig,
     /// Claiming new traps.
     pub provisioning: ProvisioningConfig,
     /// The HTTP API.
@@ -61,6 +78,7 @@ impl Default for Config {
         Self {
             data_dir: PathBuf::from("wildcam-data"),
             mqtt: crate::broker::BrokerConfig::default(),
+            external_mqtt: crate::broker::ExternalBrokerConfig::default(),
             provisioning: ProvisioningConfig::default(),
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
@@ -321,6 +339,25 @@ mod tests {
         assert_eq!(config.ingest.linger_ms, 9);
         assert_eq!(config.http.listen, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    #[test]
+    fn external_broker_mode_from_file_and_environment() {
+        let text = "[external_mqtt]\nhost = \"broker.example\"\nshared_group = \"north\"\n";
+        let config = Config::from_sources(text, "", vars(&[])).unwrap();
+        assert!(!config.external_mqtt.enabled, "a section alone does not switch modes");
+        assert_eq!(config.external_mqtt.host, "broker.example");
+        let config = Config::from_sources(
+            text,
+            "",
+            vars(&[("WILDCAM__EXTERNAL_MQTT__ENABLED", "true"), ("WILDCAM__EXTERNAL_MQTT__PORT", "8883")]),
+        )
+        .unwrap();
+        assert!(config.external_mqtt.enabled);
+        assert_eq!(config.external_mqtt.port, 8883);
+        assert_eq!(config.external_mqtt.shared_group, "north");
+        let error = Config::from_sources("[external_mqtt]\nhots = \"x\"\n", "", vars(&[])).unwrap_err();
+        assert!(error.to_string().contains("hots"), "{error}");
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! The HTTP surface. This file holds the listener and the operational
 //! endpoints (`/healthz`, `/readyz`, `/metrics`); the operator API
-//! ([`crate::api`]) is mounted under `/api/v1`.
+//! ([`crate::api`]) is mounted under `/api/v1`, and an external broker's
+//! authentication hook ([`crate::mqtt_auth`]) is at `POST /mqtt/auth`.
 
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -21,6 +22,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(
+            crate::mqtt_auth::PATH,
+            post(crate::mqtt_auth::authenticate)
+                .layer(DefaultBodyLimit::max(crate::mqtt_auth::BODY_LIMIT_BYTES)),
+        )
         .nest(crate::api::PREFIX, crate::api::router(state.clone()))
         .with_state(state)
 }
@@ -70,6 +76,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 /// Prometheus text exposition.
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let link = state.link_stats.read();
-    let body = state.metrics.render(link.connections, link.lost);
+    let body = state
+        .metrics
+        .render(link.connections, link.lost, link.reconnects);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }

@@ -9,6 +9,7 @@ pub mod downlink;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
+pub mod mqtt_auth;
 pub mod provisioning;
 pub mod server;
 pub mod sessions;

@@ -149,7 +149,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, with the gauges the caller measures
     /// at scrape time (connected devices, broker link losses).
-    pub fn render(&self, connected_devices: Option<u64>, link_lost: u64) -> String {
+    pub fn render(&self, connected_devices: Option<u64>, link_lost: u64, link_reconnects: u64) -> String {
         let mut out = String::with_capacity(4096);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counter(
@@ -176,6 +176,12 @@ impl Metrics {
             "wildcam_broker_link_lost_total",
             "Messages the broker dropped before ingest read them (traps resend).",
             link_lost,
+        );
+        counter(
+            &mut out,
+            "wildcam_broker_reconnects_total",
+            "Connections to an external broker made again after a loss.",
+            link_reconnects,
         );
         let _ = writeln!(out, "# HELP wildcam_messages_rejected_total Messages refused, by reason.");
         let _ = writeln!(out, "# TYPE wildcam_messages_rejected_total counter");
@@ -238,7 +244,7 @@ mod tests {
         metrics.reject(Rejection::Replayed);
         metrics.reject(Rejection::Replayed);
         metrics.commit(10, 7, 0.003);
-        let text = metrics.render(Some(4), 0);
+        let text = metrics.render(Some(4), 0, 3);
         assert!(text.contains("wildcam_messages_in_total 1\n"), "{text}");
         assert!(text.contains("wildcam_messages_rejected_total{reason=\"replayed\"} 2\n"), "{text}");
         assert!(text.contains("wildcam_messages_rejected_total{reason=\"malformed\"} 0\n"), "{text}");
@@ -246,11 +252,12 @@ mod tests {
         assert!(text.contains("wildcam_ingest_batch_commit_seconds_bucket{le=\"0.002\"} 0\n"), "{text}");
         assert!(text.contains("wildcam_ingest_batch_commit_seconds_bucket{le=\"0.005\"} 1\n"), "{text}");
         assert!(text.contains("wildcam_connected_devices 4\n"), "{text}");
+        assert!(text.contains("wildcam_broker_reconnects_total 3\n"), "{text}");
         assert_eq!(metrics.rejected(Rejection::Replayed), 2);
         // Not reported yet (or not known for this broker): not rendered as a false 0.
         assert!(
             !metrics
-                .render(None, 0)
+                .render(None, 0, 0)
                 .contains("wildcam_connected_devices")
         );
     }

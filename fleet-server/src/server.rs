@@ -1,5 +1,6 @@
-//! Wiring: the store, the embedded broker, ingest, provisioning and the HTTP
-//! endpoints, started together and stopped together.
+//! Wiring: the store, the broker (embedded, or a client of an external one),
+//! ingest, provisioning and the HTTP endpoints, started together and stopped
+//! together.
 //!
 //! [`Server::start`] returns once everything listens; [`Server::shutdown`]
 //! stops intake, lets ingest commit and ack the batch in hand, and closes the
@@ -14,13 +15,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use wildcam_sdk::provision::ServerIdentity;
 
-use crate::broker::{EmbeddedBroker, LinkStatsReader, Publisher};
+use crate::broker::{LinkStatsReader, Publisher, RunningBroker};
 use crate::config::Config;
 use crate::credentials::CredentialCache;
 use crate::downlink::Downlink;
 use crate::http;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
+use crate::mqtt_auth::MqttAuthHook;
 use crate::provisioning::Provisioning;
 use crate::sessions::Sessions;
 use crate::store::{Clock, DeviceQuery, PageRequest, SqliteConfig, SqliteStore, Store, SystemClock};
@@ -48,12 +50,16 @@ pub struct AppState {
     /// Timestamps.
     pub clock: Arc<dyn Clock>,
     /// Counters of the broker link (messages lost before ingest read them,
-    /// connections held by the broker).
+    /// connections held by the broker, reconnections).
     pub link_stats: LinkStatsReader,
-    /// Where the embedded broker listens for MQTT 3.1.1 (shown by the API).
-    pub mqtt_v4: SocketAddr,
-    /// Where the embedded broker listens for MQTT 5 (shown by the API).
-    pub mqtt_v5: SocketAddr,
+    /// Where devices connect with MQTT 3.1.1, `host:port` (shown by the API): the
+    /// embedded listener, or the external broker.
+    pub mqtt_v4: String,
+    /// Where devices connect with MQTT 5, `host:port` (shown by the API).
+    pub mqtt_v5: String,
+    /// The external broker's authentication hook (`POST /mqtt/auth`); `None` in
+    /// embedded mode.
+    pub mqtt_auth: Option<MqttAuthHook>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -65,7 +71,7 @@ impl std::fmt::Debug for AppState {
 /// A running fleet server.
 #[derive(Debug)]
 pub struct Server {
-    broker: EmbeddedBroker,
+    broker: RunningBroker,
     http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     ingest: JoinHandle<()>,
@@ -88,9 +94,15 @@ impl Server {
         );
         let credentials = CredentialCache::new(config.provisioning.password.as_deref());
         load_credentials(&store, &credentials).await?;
-        let (broker, link) = EmbeddedBroker::start(config.mqtt.clone(), credentials.clone())
+        let external = config.external_mqtt.clone();
+        let (broker, link) = RunningBroker::start(config.mqtt.clone(), external, credentials.clone())
             .await
-            .context("starting the embedded MQTT broker")?;
+            .context("starting the MQTT broker (or connecting to the external one)")?;
+        let (mqtt_v4, mqtt_v5) = broker.device_endpoints();
+        let mqtt_auth = config
+            .external_mqtt
+            .enabled
+            .then(|| MqttAuthHook::new(credentials.clone(), &config.external_mqtt));
         let metrics = Arc::new(Metrics::default());
         let sessions = Sessions::new(store.clone());
         let publisher = link.publisher();
@@ -106,8 +118,9 @@ impl Server {
             identity_public_key: identity.public_key(),
             clock: clock.clone(),
             link_stats,
-            mqtt_v4: broker.listen_v4(),
-            mqtt_v5: broker.listen_v5(),
+            mqtt_v4,
+            mqtt_v5,
+            mqtt_auth,
         };
         let (stop, stop_rx) = watch::channel(false);
         let provisioning =
@@ -117,19 +130,19 @@ impl Server {
         let ingest = tokio::spawn(ingest.run(link, stop_rx.clone()));
         let (http_addr, http) = http::serve(config.http.listen, state.clone(), stop_rx).await?;
         tracing::info!(
-            mqtt_v4 = %broker.listen_v4(), mqtt_v5 = %broker.listen_v5(), http = %http_addr,
+            mqtt_v4 = %state.mqtt_v4, mqtt_v5 = %state.mqtt_v5, http = %http_addr,
             data_dir = %config.data_dir.display(), "fleet server started"
         );
         Ok(Self { broker, http_addr, stop, ingest, http, state })
     }
 
-    /// The MQTT 3.1.1 listener.
-    pub fn mqtt_v4(&self) -> SocketAddr {
+    /// The embedded broker's MQTT 3.1.1 listener; `None` with an external broker.
+    pub fn mqtt_v4(&self) -> Option<SocketAddr> {
         self.broker.listen_v4()
     }
 
-    /// The MQTT 5 listener.
-    pub fn mqtt_v5(&self) -> SocketAddr {
+    /// The embedded broker's MQTT 5 listener; `None` with an external broker.
+    pub fn mqtt_v5(&self) -> Option<SocketAddr> {
         self.broker.listen_v5()
     }
 
@@ -153,7 +166,7 @@ impl Server {
         if self.ingest.await.is_err() {
             tracing::error!("ingest task panicked");
         }
-        self.broker.shutdown();
+        self.broker.shutdown().await;
         let _ = self.http.await;
         self.state
             .store

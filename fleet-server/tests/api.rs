@@ -26,7 +26,7 @@ use wildcam_sdk::protocol::{
 };
 use wildcam_sdk::seal::SessionKey;
 
-use common::{TestTrap, WAIT, provision, test_config};
+use common::{TestTrap, WAIT, embedded_mqtt, provision, test_config};
 
 /// A running server, its router, and an admin token for it.
 struct Harness {
@@ -122,10 +122,10 @@ impl Harness {
     /// A trap provisioned with an API claim token, connected and said hello.
     async fn trap(&self, seed: u8) -> TestTrap {
         let token = self.claim_token().await;
-        let provisioned = provision(self.server.mqtt_v4(), Some(&token), [seed; 32])
+        let provisioned = provision(embedded_mqtt(&self.server), Some(&token), [seed; 32])
             .await
             .expect("provisioned with the API's claim token");
-        let mut trap = TestTrap::connect(self.server.mqtt_v4(), &provisioned)
+        let mut trap = TestTrap::connect(embedded_mqtt(&self.server), &provisioned)
             .await
             .expect("connects");
         trap.send(&trap.hello()).await;
@@ -526,7 +526,7 @@ async fn revoking_through_the_api_refuses_the_traps_next_message() {
     assert!(no_ack.is_err(), "a revoked trap gets no ack");
     let stored = harness.get(&format!("/detections?device={id}")).await;
     assert_eq!(stored["items"].as_array().expect("items").len(), 1);
-    let refused = common::Mqtt::connect(harness.server.mqtt_v4(), &id, &id, &trap.password).await;
+    let refused = common::Mqtt::connect(embedded_mqtt(&harness.server), &id, &id, &trap.password).await;
     assert!(refused.is_err(), "the broker refuses the revoked trap");
     let command = harness
         .call(
@@ -555,7 +555,7 @@ async fn claim_tokens_revoke_and_the_allowlist_admits_identities() {
         .await;
     assert!(revoked["revoked_at_ms"].is_i64());
     let token = created["token"].as_str().expect("token");
-    let refused = provision(harness.server.mqtt_v4(), Some(token), [51; 32]).await;
+    let refused = provision(embedded_mqtt(&harness.server), Some(token), [51; 32]).await;
     assert!(refused.expect_err("revoked").contains("Revoked"));
     let zero = harness
         .call("POST", "/claim-tokens", Some(&harness.admin), Some(&json!({ "uses": 0 })))
@@ -576,7 +576,7 @@ async fn claim_tokens_revoke_and_the_allowlist_admits_identities() {
     let listed = harness.get("/allowlist").await;
     conforms(&api::document(), "AllowedIdentityPage", &listed);
     assert_eq!(listed["items"][0]["identity_key"], hex.as_str());
-    provision(harness.server.mqtt_v4(), None, [52; 32])
+    provision(embedded_mqtt(&harness.server), None, [52; 32])
         .await
         .expect("an allowed identity claims without a token");
     harness
@@ -595,7 +595,7 @@ async fn claim_tokens_revoke_and_the_allowlist_admits_identities() {
     conforms(&api::document(), "ServerInfo", &info);
     let identity = api::to_hex(&harness.server.state().identity_public_key);
     assert_eq!(info["identity_public_key"], identity.as_str());
-    assert_eq!(info["mqtt"]["v4"], harness.server.mqtt_v4().to_string().as_str());
+    assert_eq!(info["mqtt"]["v4"], embedded_mqtt(&harness.server).to_string().as_str());
     harness.stop().await;
 }
 
@@ -858,7 +858,7 @@ async fn the_cli_bootstraps_a_token_then_claims_a_demo_trap_and_lists_its_detect
     )
     .expect("JSON");
     let claim = created["token"].as_str().expect("claim token");
-    let mqtt = harness.server.mqtt_v4().to_string();
+    let mqtt = embedded_mqtt(&harness.server).to_string();
     let trap = cli(&["demo-trap", "--token", claim, "--count", "2", "--mqtt", &mqtt]).await;
     assert!(trap.contains("acked through seq 2"), "{trap}");
 

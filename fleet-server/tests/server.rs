@@ -57,10 +57,10 @@ async fn stored_seqs(store: &dyn Store, trap: &TestTrap) -> Vec<u32> {
 
 async fn provisioned_trap(server: &Server, seed: u8) -> TestTrap {
     let token = claim_token(server, 1).await;
-    let provisioned = provision(server.mqtt_v4(), Some(&token), [seed; 32])
+    let provisioned = provision(embedded_mqtt(server), Some(&token), [seed; 32])
         .await
         .expect("provisioned");
-    TestTrap::connect(server.mqtt_v4(), &provisioned)
+    TestTrap::connect(embedded_mqtt(server), &provisioned)
         .await
         .expect("device connects")
 }
@@ -157,7 +157,7 @@ async fn replays_forgeries_and_malformed_payloads_are_refused_while_others_flow(
 #[tokio::test]
 async fn provisioning_refuses_bad_claims() {
     let (server, _dir) = start().await;
-    let addr = server.mqtt_v4();
+    let addr = embedded_mqtt(&server);
     let token = claim_token(&server, 1).await;
     let (id, _) = token.split_once('.').unwrap();
     // Right id, wrong secret: the proof does not verify.
@@ -225,7 +225,7 @@ async fn graceful_shutdown_acks_every_committed_detection() {
 #[tokio::test]
 async fn replayed_proofs_are_refused_and_consume_nothing() {
     let (server, _dir) = start().await;
-    let addr = server.mqtt_v4();
+    let addr = embedded_mqtt(&server);
     let token = claim_token(&server, 5).await;
     let claim_id = token.split_once('.').unwrap().0.to_owned();
     let (_, mut captured) = provision_capturing(addr, Some(&token), [21; 32])
@@ -318,7 +318,7 @@ async fn revocation_refuses_messages_and_reconnects() {
     assert_eq!(stored_seqs(store.as_ref(), &trap).await, vec![1]);
     assert!(server.state().metrics.rejected(Rejection::DeviceRevoked) >= 1);
     assert!(
-        Mqtt::connect(server.mqtt_v4(), trap.id.as_str(), trap.id.as_str(), &trap.password)
+        Mqtt::connect(embedded_mqtt(&server), trap.id.as_str(), trap.id.as_str(), &trap.password)
             .await
             .is_err()
     );

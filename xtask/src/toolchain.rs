@@ -28,7 +28,8 @@ pub const ESP32C3_TARGET: &str = "riscv32imc-unknown-none-elf";
 pub const ESP32C6_TARGET: &str = "riscv32imac-unknown-none-elf";
 
 /// Debian 12 packages that make up the RISC-V capable toolchain. `lld-22` must be
-/// named explicitly or linking fails. `.ci/run` installs the same list.
+/// named explicitly or linking fails. `.ci/run` installs the same list (and `mosquitto` and
+/// `openssl`, for the fleet server's external-broker tests).
 pub const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "rust-web-llvm", "lld-22"];
 
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";

@@ -1,7 +1,5 @@
 //! `/server` (what clients and traps pin) and `/tokens` (operator tokens).
 
-use std::net::SocketAddr;
-
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -20,15 +18,16 @@ pub struct ServerInfo {
     version: &'static str,
     /// The server's ed25519 identity public key, hex: traps may pin it.
     identity_public_key: String,
-    /// Where the embedded broker listens.
+    /// Where devices connect: the embedded broker's listeners or the external broker.
     mqtt: MqttListeners,
 }
 
-/// The broker's listeners.
+/// Where devices connect, `host:port` per MQTT version (the same address for both
+/// with an external broker).
 #[derive(Debug, Serialize)]
 struct MqttListeners {
-    v4: SocketAddr,
-    v5: SocketAddr,
+    v4: String,
+    v5: String,
 }
 
 /// `GET /server`.
@@ -36,7 +35,7 @@ pub async fn server_info(State(state): State<AppState>) -> Json<ServerInfo> {
     Json(ServerInfo {
         version: env!("CARGO_PKG_VERSION"),
         identity_public_key: to_hex(&state.identity_public_key),
-        mqtt: MqttListeners { v4: state.mqtt_v4, v5: state.mqtt_v5 },
+        mqtt: MqttListeners { v4: state.mqtt_v4.clone(), v5: state.mqtt_v5.clone() },
     })
 }
 

@@ -606,7 +606,7 @@ fn common_schemas() -> Value {
         "ServerInfo": object("What clients and traps pin.", json!({
             "version": { "type": "string" },
             "identity_public_key": { "$ref": "#/components/schemas/HexKey", "description": "The server's ed25519 identity public key (traps may pin it)." },
-            "mqtt": object("Where the embedded broker listens.", json!({
+            "mqtt": object("Where traps connect: the embedded broker's listeners, or the external broker's address for both versions.", json!({
                 "v4": { "type": "string", "description": "MQTT 3.1.1 `host:port`." },
                 "v5": { "type": "string", "description": "MQTT 5 `host:port`." }
             }))

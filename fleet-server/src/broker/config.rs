@@ -302,7 +302,7 @@ fn validate_log(name: &str, size: usize, count: usize) -> Result<(), BrokerError
     Ok(())
 }
 
-fn in_range(name: &str, value: usize, min: usize, max: usize) -> Result<(), BrokerError> {
+pub(super) fn in_range(name: &str, value: usize, min: usize, max: usize) -> Result<(), BrokerError> {
     if (min..=max).contains(&value) {
         return Ok(());
     }

@@ -34,11 +34,16 @@ pub struct LinkStats {
     /// Messages handed to the consumer channel.
     pub delivered: u64,
     /// Messages the broker dropped before the link could read them (its retention was
-    /// exceeded while the consumer was slow), detected from commit-log offsets.
+    /// exceeded while the consumer was slow), detected from commit-log offsets. Only the
+    /// embedded broker's link can see such losses; an external broker's own limits (e.g.
+    /// Mosquitto's `max_queued_messages`) show in its log, not here.
     pub lost: u64,
     /// MQTT client connections the broker holds (devices and unclaimed traps, not the
     /// link), as last reported; `None` until the broker reports it.
     pub connections: Option<u64>,
+    /// Connections to an external broker made again after a loss (either connection);
+    /// always 0 with the embedded broker.
+    pub reconnects: u64,
 }
 
 /// Marks [`Counters::connections`] as not reported yet.
@@ -50,11 +55,17 @@ pub(super) struct Counters {
     delivered: AtomicU64,
     lost: AtomicU64,
     connections: AtomicU64,
+    reconnects: AtomicU64,
 }
 
 impl Default for Counters {
     fn default() -> Self {
-        Self { delivered: AtomicU64::new(0), lost: AtomicU64::new(0), connections: AtomicU64::new(UNKNOWN) }
+        Self {
+            delivered: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            connections: AtomicU64::new(UNKNOWN),
+            reconnects: AtomicU64::new(0),
+        }
     }
 }
 
@@ -72,12 +83,17 @@ impl Counters {
             .store(count.min(UNKNOWN - 1), Ordering::Relaxed);
     }
 
+    pub(super) fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn snapshot(&self) -> LinkStats {
         let connections = self.connections.load(Ordering::Relaxed);
         LinkStats {
             delivered: self.delivered.load(Ordering::Relaxed),
             lost: self.lost.load(Ordering::Relaxed),
             connections: (connections != UNKNOWN).then_some(connections),
+            reconnects: self.reconnects.load(Ordering::Relaxed),
         }
     }
 }
@@ -156,7 +172,7 @@ pub(super) fn close_pending(pending: &SharedPending) {
 ///
 /// Publishes go through a bounded queue to the link's worker, in order per handle.
 /// With the embedded broker a device receives them at the QoS of its subscription
-/// (QoS 1 for WildCAM devices).
+/// (QoS 1 for WildCAM devices); an external broker gets them with QoS 1.
 #[derive(Debug, Clone)]
 pub struct Publisher {
     commands: mpsc::Sender<Command>,
@@ -279,11 +295,15 @@ impl BrokerLink {
     /// Subscribes the link to one more filter and waits until the broker confirms it;
     /// messages published before that are not delivered. The link already subscribes to
     /// [`super::LINK_FILTERS`] before any client can connect.
+    ///
+    /// With an external broker the filter is subscribed in the link's shared group
+    /// (`$share/{group}/{filter}`), like the link filters: each matching message reaches
+    /// one server of the group, not all of them. Pass the plain filter either way.
     pub async fn subscribe(&self, filter: &str) -> Result<(), BrokerError> {
         self.publisher.subscribe(filter).await
     }
 
-    /// Delivered and lost counts so far, and the broker's connection count.
+    /// Delivered, lost and reconnection counts so far, and the broker's connection count.
     pub fn stats(&self) -> LinkStats {
         self.counters.snapshot()
     }
@@ -299,7 +319,7 @@ impl BrokerLink {
 pub struct LinkStatsReader(Arc<Counters>);
 
 impl LinkStatsReader {
-    /// Delivered and lost counts so far.
+    /// Delivered, lost and reconnection counts so far.
     pub fn read(&self) -> LinkStats {
         self.0.snapshot()
     }

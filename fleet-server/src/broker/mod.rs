@@ -1,13 +1,17 @@
-//! The MQTT side of the fleet server: an embedded rumqttd broker and the in-process link
-//! through which ingest receives uplinks and sends downlinks.
+//! The MQTT side of the fleet server: an embedded rumqttd broker, or a client of an
+//! external one, and the link through which ingest receives uplinks and sends downlinks.
 //!
-//! [`EmbeddedBroker::start`] runs rumqttd 0.20 on its own OS threads with two listeners
-//! (MQTT 3.1.1 and MQTT 5, see [`BrokerConfig`]) and returns a [`BrokerLink`]. The link
-//! is one type whatever the broker: it is a bounded channel of [`Inbound`] messages plus a
-//! cloneable [`Publisher`] for downlinks, fed by background workers. The external-broker
-//! mode of a scale-out deployment (MQTT 5 shared subscriptions on a cluster) is to produce
-//! the same `BrokerLink` from an MQTT client, so ingest will not change for it; it is
-//! not written yet (see "Next step" below).
+//! The link is one type whatever the broker: a [`BrokerLink`] is a bounded channel of
+//! [`Inbound`] messages plus a cloneable [`Publisher`] for downlinks, fed by background
+//! workers, so ingest, provisioning and downlink do not know which mode runs.
+//!
+//! * [`EmbeddedBroker::start`] (the default) runs rumqttd 0.20 on its own OS threads with
+//!   two listeners (MQTT 3.1.1 and MQTT 5, see [`BrokerConfig`]) and an in-process link.
+//! * [`ExternalBroker::connect`] (`[external_mqtt] enabled = true`, for scale-out) connects
+//!   to an external broker as an MQTT 5 client with shared subscriptions; see "External
+//!   broker" below.
+//!
+//! [`RunningBroker`] is either, as the server holds it.
 //!
 //! # What rumqttd 0.20 does, read from its source and checked by `tests/broker.rs`
 //!
@@ -56,7 +60,9 @@
 //!   ("Error while handling MQTT connect packet").
 //! * **Shutdown**: rumqttd has no way to stop its router or listener threads.
 //!   [`EmbeddedBroker::shutdown`] refuses all new connections (the auth gate closes),
-//!   stops the link workers (the inbound channel then ends) and joins them; established
+//!   stops the link workers (the inbound channel then ends, downlinks already queued are
+//!   handed to rumqttd first, so the acks of ingest's last commit go out) and joins
+//!   them; established
 //!   connections stay open and rumqttd's threads stay parked until the process exits.
 //!   Those are plain detached threads, so they never keep the process from exiting, but
 //!   the same port cannot be reused by a second broker within one process.
@@ -70,32 +76,71 @@
 //!   client silent for 1.5 × its keep-alive; it has no upper bound to configure, so none
 //!   is offered here.
 //!
-//! # Next step: external broker (not written)
+//! # External broker
 //!
-//! For scale-out, `connect_external(ExternalBrokerConfig { host, port, client_id,
-//! username, password, shared_group })` is to return the same [`BrokerLink`], driven by a
-//! `rumqttc::v5` client instead of the in-process link:
+//! [`ExternalBroker::connect`] ([`ExternalBrokerConfig`]; the design in `external/mod.rs`)
+//! opens two rumqttc 0.25 `v5` connections to `host:port`, plain or TLS:
 //!
-//! * subscribe QoS 1 to `$share/{group}/wc/v1/dev/+/up/#` and `$share/{group}/wc/v1/prov/+/up`
-//!   with `clean_start = false` and a session expiry, and subscribe again whenever a
-//!   CONNACK reports `session_present = false`;
-//! * one task owns the event loop and awaits the bounded [`Inbound`] channel: while it
-//!   waits the loop is not polled, so the broker's inflight window fills and it stops
-//!   sending — real TCP backpressure, unlike rumqttd's in-process link;
-//! * that task must never await the client's request channel (`ack`, `subscribe`) because
-//!   only its own polling drains it: keep rumqttc's automatic PUBACK (a message is then
-//!   acknowledged once read, and the trap's end-to-end acknowledgement covers a crash),
-//!   issue subscriptions with `try_subscribe` and match SUBACKs by packet id;
-//! * downlinks from [`Publisher`] commands go out with QoS 1 from a second task;
-//! * `rumqttc` moves from dev-dependencies to dependencies, with `use-rustls` for any real
-//!   deployment;
-//! * it can be tested against this embedded broker, which implements `$share/` groups
-//!   (round robin).
+//! * `client_id` subscribes with QoS 1 to `$share/{group}/wc/v1/dev/+/up/#` and
+//!   `$share/{group}/wc/v1/prov/+/up` ([`LINK_FILTERS`] in the group, [`shared_filter`])
+//!   with `clean_start = false` and a session expiry, and subscribes again whenever a
+//!   CONNACK reports no session. `connect` returns once the broker granted both, and
+//!   fails at once on a refused CONNACK (bad credentials) or subscription, or after
+//!   `connect_timeout_ms` with the last connection error. [`BrokerLink::subscribe`] adds
+//!   a filter in the same group.
+//! * Its task owns the event loop and awaits the bounded inbound channel, so a slow ingest
+//!   stops the PUBACKs and, through the Receive Maximum, the broker: real backpressure.
+//!   That task never awaits rumqttc's request channel: acks are automatic, subscriptions
+//!   are queued with `try_subscribe` and their SUBACKs matched by packet id.
+//! * `{client_id}-downlink` publishes the [`Publisher`]'s downlinks with QoS 1. It is a
+//!   connection of its own so that acks keep flowing while uplinks are held back (ingest
+//!   waits for its acks before reading more; behind a paused uplink loop they would
+//!   deadlock).
+//! * Each connection reconnects with exponential backoff and jitter, capped by
+//!   `reconnect_delay_max_ms`, logging each loss and reconnection
+//!   ([`LinkStats::reconnects`]). Shutdown hands the downlink connection what is queued
+//!   (at most a second), then sends DISCONNECT on both (the uplink session stays for
+//!   `session_expiry_s`); then `recv` returns `None`.
+//!
+//! Devices connect to the external broker, which must authenticate them with the
+//! server's registry: the server serves `POST /mqtt/auth` for brokers with an HTTP
+//! authentication backend (EMQX's format; [`crate::mqtt_auth`]).
+//!
+//! What this mode does and does not do (yet):
+//!
+//! * **Several server instances** can share the uplinks (same `shared_group`, distinct
+//!   `client_id`), but each needs the same registry, sessions and replay windows: SQLite is
+//!   a single-instance store, so running more than one instance needs a shared store
+//!   (PostgreSQL, future work). Until then run one instance per fleet.
+//! * **TLS** is rustls with the *ring* provider (`tls`, `ca_file`, optional client
+//!   certificate): rumqttc's `use-rustls-no-provider` feature, because its `use-rustls`
+//!   brings aws-lc-rs, whose C build costs minutes on every clean build. No other TLS
+//!   option (no ALPN, no system roots without naming the bundle as `ca_file`).
+//! * **No per-topic authorization** hook: the broker only authenticates; the server decides
+//!   on opened frames, as with the embedded broker. A device account can still subscribe
+//!   to the server's shared group and take a share of the uplinks (sealed, so unreadable,
+//!   and resent by their traps when not acknowledged): restrict `$share/` subscriptions to
+//!   the server's account in the broker's ACL.
+//! * **Losses inside the broker are not counted**: [`LinkStats::lost`] stays 0; a broker's
+//!   own limits (Mosquitto's `max_queued_messages` for a session that is away or behind)
+//!   show in its log, and traps resend whatever the server did not acknowledge.
+//! * **Uplinks are acknowledged once read**, before ingest commits them, so the broker
+//!   forgets what the server held at a crash or shutdown; traps resend it. A stall of
+//!   ingest longer than 1.5 × `keep_alive_s` makes the broker drop the uplink connection
+//!   (nothing is polled, so no PINGREQ goes out); it reconnects into its session and the
+//!   broker redelivers, which ingest's replay windows deduplicate.
+//! * **rumqttd as the external broker** is only good for tests: rumqttd 0.20 keeps a shared
+//!   group's state per share name, not per share name and filter as MQTT 5 says, so once
+//!   both filters of one group carry traffic one filter's read cursor is applied to the
+//!   other's log and messages are lost (`tests/external.rs` shows the split on rumqttd with
+//!   device uplinks only, and with both kinds on Mosquitto).
 
 mod auth;
 mod config;
 mod embedded;
+mod external;
 mod link;
+mod running;
 
 pub use auth::Authenticator;
 pub use config::{
@@ -103,7 +148,12 @@ pub use config::{
     MAX_PAYLOAD_SIZE_LIMIT, MAX_PAYLOAD_SIZE_MIN, MemoryEstimate, SEGMENT_SIZE_MIN,
 };
 pub use embedded::EmbeddedBroker;
+pub use external::{
+    AUTH_HOOK_SECRET_LEN_MIN, CLIENT_ID_LEN_MAX, DOWNLINK_CLIENT_SUFFIX, ExternalBroker,
+    ExternalBrokerConfig, SESSION_EXPIRY_S_MAX, SHARED_GROUP_LEN_MAX, shared_filter,
+};
 pub use link::{BrokerLink, Inbound, LinkStats, LinkStatsReader, Publisher};
+pub use running::RunningBroker;
 
 use std::io;
 use std::net::SocketAddr;
@@ -170,6 +220,34 @@ pub enum BrokerError {
     /// The downlink queue is full (only from [`Publisher::try_publish`]).
     #[error("downlink queue is full")]
     Full,
+    /// The external broker answered a CONNECT with an error code (bad credentials, not
+    /// authorized, banned...).
+    #[error(
+        "external MQTT broker {broker} refused the connection: {reason} \
+         (check external_mqtt.username and password, and the broker's access rules)"
+    )]
+    ConnectRefused {
+        /// `host:port`.
+        broker: String,
+        /// The CONNACK reason code.
+        reason: String,
+    },
+    /// The external broker could not be reached, or did not grant the subscriptions, in time.
+    #[error("external MQTT broker {broker} not ready within {waited_ms} ms: {detail}")]
+    ConnectTimeout {
+        /// `host:port`.
+        broker: String,
+        /// How long `connect` waited.
+        waited_ms: u64,
+        /// What was missing, with the last connection error if any.
+        detail: String,
+    },
+    /// The MQTT client's request queue is full (only with an external broker).
+    #[error("subscription to {filter:?} not queued: the MQTT client's request queue is full")]
+    SubscribeQueueFull {
+        /// The filter.
+        filter: String,
+    },
     /// A subscription was not confirmed in time.
     #[error("subscription to {filter:?} not confirmed within {waited_ms} ms")]
     SubscribeTimeout {

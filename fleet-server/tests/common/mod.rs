@@ -31,6 +31,13 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
     config
 }
 
+/// The MQTT 3.1.1 listener of a server running the embedded broker.
+pub fn embedded_mqtt(server: &wildcam_fleet_server::Server) -> SocketAddr {
+    server
+        .mqtt_v4()
+        .expect("the server runs the embedded broker")
+}
+
 /// A connected MQTT client whose incoming publishes land in a channel.
 pub struct Mqtt {
     pub client: AsyncClient,
