@@ -208,6 +208,10 @@ pub struct SimulatorUsage {
     pub rss_peak_mib: f64,
     /// Resident memory added by connecting the fleet, per trap, KiB.
     pub rss_per_trap_kib: f64,
+    /// Resident memory with the fleet connected over the number of traps,
+    /// KiB: everything of a virtual trap (queue, plan, connection) plus the
+    /// process's fixed share.
+    pub rss_total_per_trap_kib: f64,
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -283,6 +287,9 @@ impl Report {
                 cpu_pct: cpu_s / timings.day_s.max(1e-9) * 100.0,
                 rss_peak_mib: mib(samples.after.rss_peak_bytes),
                 rss_per_trap_kib: added_rss as f64 / 1_024.0 / f64::from(traps.max(1)),
+                rss_total_per_trap_kib: samples.connected.rss_bytes as f64
+                    / 1_024.0
+                    / f64::from(traps.max(1)),
             },
             timings,
             ok,
@@ -372,8 +379,8 @@ impl Report {
         rows.push((
             "simulator",
             format!(
-                "CPU {:.1} s ({:.0}% of a core); RSS peak {:.0} MiB, {:.1} KiB per connected trap",
-                s.cpu_s, s.cpu_pct, s.rss_peak_mib, s.rss_per_trap_kib
+                "CPU {:.1} s ({:.0}% of a core); RSS peak {:.0} MiB; per trap {:.1} KiB in all, {:.1} KiB of it for the connection",
+                s.cpu_s, s.cpu_pct, s.rss_peak_mib, s.rss_total_per_trap_kib, s.rss_per_trap_kib
             ),
         ));
         rows.push((
