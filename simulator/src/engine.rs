@@ -53,7 +53,7 @@ pub enum Target {
         provision_password: String,
         /// Claim tokens to use instead of creating them.
         claim_tokens: Vec<String>,
-        /// Traps per claim token (the server rate-limits claims per token).
+        /// Traps per claim token (its number of uses).
         claims_per_token: u32,
     },
     /// Any MQTT broker: no provisioning, no server acks, no final check.

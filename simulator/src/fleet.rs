@@ -376,7 +376,7 @@ pub struct ClaimSetup {
     pub provision_password: String,
     /// Claim tokens; the `i`-th trap claimed uses token `i / claims_per_token`.
     pub tokens: Vec<String>,
-    /// Traps per token (the server's per-token rate limit).
+    /// Traps per token (its number of uses).
     pub claims_per_token: u32,
     /// The server's identity key to pin.
     pub server_key: Option<[u8; 32]>,

@@ -182,7 +182,7 @@ async fn a_fleet_day_through_a_server_restart_loses_and_duplicates_nothing() {
             api_token: token,
             provision_password: "wildcam-provisioning".into(),
             claim_tokens: Vec::new(),
-            claims_per_token: 20,
+            claims_per_token: 200,
         },
         state_dir: Some(dir.path().join("state")),
         progress: false,

@@ -68,8 +68,9 @@ struct RunArgs {
     /// Claim tokens to use instead of creating them (repeatable).
     #[arg(long = "claim-token")]
     claim_tokens: Vec<String>,
-    /// Traps claimed per claim token (the server limits claims per token per minute).
-    #[arg(long, default_value_t = 20)]
+    /// Traps claimed per claim token (its number of uses). The server limits claim
+    /// requests per trap and overall, and failed proofs per token.
+    #[arg(long, default_value_t = 1_000)]
     claims_per_token: u32,
     /// Target a plain MQTT broker instead of the fleet server: no provisioning,
     /// the broker's PUBACK releases the queue, nothing is checked end to end.
