@@ -1,0 +1,378 @@
+//! End to end: the host firmware in a network namespace, on a TAP device,
+//! against the real fleet server (`wildcam-fleet serve`) on the namespace's
+//! side of the TAP. It claims itself with a claim token, sends detections and
+//! health, is acked, keeps its queue across a server restart and its own
+//! power loss (no detection lost or duplicated), and applies a configuration
+//! sent through the API.
+//!
+//! Needs root (network namespaces, TAP), `ip` (iproute2) and the server
+//! binary in `WILDCAM_FLEET_BIN` (`cargo xtask ci` builds it and sets it).
+//! Without them the test is skipped with a message, except under `CI=true`,
+//! where it fails. All traffic stays inside the namespace it creates.
+//!
+//! Run: `WILDCAM_FLEET_BIN=$PWD/../target/debug/wildcam-fleet cargo test -p wildcam-firmware-host --test end_to_end`
+//! (as root, from `firmware/`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const TAP: &str = "wctap0";
+const SERVER_ADDRESS: &str = "192.168.77.1";
+const TRAP_ADDRESS: &str = "192.168.77.2/24";
+/// Longest wait for any one expected event.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Why the test cannot run here, if it cannot.
+fn missing_prerequisite(fleet: Option<&Path>) -> Option<String> {
+    if run_ok(Command::new("id").arg("-u")).is_none_or(|uid| uid.trim() != "0") {
+        return Some("not running as root (network namespaces and TAP devices need it)".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    if run_ok(Command::new("ip").arg("-V")).is_none() {
+        return Some("`ip` (Debian package iproute2) is not installed".into());
+    }
+    match fleet {
+        None => Some("WILDCAM_FLEET_BIN is not set to the wildcam-fleet binary".into()),
+        Some(path) if !path.exists() => Some(format!("WILDCAM_FLEET_BIN={} does not exist", path.display())),
+        Some(_) => None,
+    }
+}
+
+fn run_ok(command: &mut Command) -> Option<String> {
+    let output = command.stderr(Stdio::null()).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Runs `command`, failing the test with its output if it fails.
+fn must(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A network namespace with a TAP device, deleted on drop (which also
+/// removes the TAP and ends nothing else: the test kills its processes first).
+struct Namespace {
+    name: String,
+}
+
+impl Namespace {
+    fn create() -> Self {
+        let name = format!("wcfw-e2e-{}", std::process::id());
+        must(Command::new("ip").args(["netns", "add", &name]));
+        let namespace = Self { name };
+        namespace.exec_must(&["ip", "link", "set", "lo", "up"]);
+        namespace.exec_must(&["ip", "tuntap", "add", "dev", TAP, "mode", "tap"]);
+        namespace.exec_must(&["ip", "addr", "add", &format!("{SERVER_ADDRESS}/24"), "dev", TAP]);
+        namespace.exec_must(&["ip", "link", "set", TAP, "up"]);
+        namespace
+    }
+
+    /// `ip netns exec <name> <program>`.
+    fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).arg(program);
+        command
+    }
+
+    fn exec_must(&self, words: &[&str]) -> String {
+        must(self.command(words[0]).args(&words[1..]))
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A child process killed on drop, its output lines forwarded to a channel
+/// (and echoed, prefixed, so a failing test shows what happened).
+struct Process {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Process {
+    fn spawn(mut command: Command, label: &'static str) -> Self {
+        command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("cannot start {label}: {error}"));
+        let (sender, lines) = mpsc::channel();
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let sender = sender.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    eprintln!("[{label}] {line}");
+                    if sender.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    fn expect(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("no line containing {needle:?} within {} s", WAIT.as_secs()),
+            }
+        }
+    }
+
+    fn stdin(&mut self) -> &mut ChildStdin {
+        self.child.stdin.as_mut().expect("stdin is piped")
+    }
+
+    /// SIGTERM, then wait (a clean shutdown acknowledges what it committed).
+    fn terminate(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("process {pid} did not stop on SIGTERM");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The fleet server and its operator CLI, all inside the namespace.
+struct Fleet<'a> {
+    namespace: &'a Namespace,
+    binary: PathBuf,
+    data_dir: PathBuf,
+    api_token: String,
+}
+
+impl Fleet<'_> {
+    fn serve(&self) -> Process {
+        let mut command = self.namespace.command(&self.binary);
+        command
+            .arg("serve")
+            .env("WILDCAM__DATA_DIR", &self.data_dir)
+            .env("WILDCAM__MQTT__LISTEN_V4", format!("{SERVER_ADDRESS}:18830"))
+            .env("WILDCAM__MQTT__LISTEN_V5", format!("{SERVER_ADDRESS}:18831"))
+            .env("WILDCAM__HTTP__LISTEN", "127.0.0.1:18080")
+            .env("WILDCAM__LOG__FILTER", "warn,wildcam_fleet_server=info");
+        let mut server = Process::spawn(command, "server");
+        server.expect("fleet server started");
+        server
+    }
+
+    /// An operator command, its `--json` output parsed.
+    fn api(&self, arguments: &[&str]) -> Value {
+        let mut command = self.namespace.command(&self.binary);
+        command
+            .args(arguments)
+            .args(["--json", "--server", "http://127.0.0.1:18080"])
+            .env("WILDCAM_TOKEN", &self.api_token);
+        let output = must(&mut command);
+        serde_json::from_str(&output)
+            .unwrap_or_else(|error| panic!("{arguments:?}: not JSON ({error}): {output}"))
+    }
+
+    /// The sequence numbers stored for `device`, in order.
+    fn stored_sequences(&self, device: &str) -> Vec<u64> {
+        let listing = self.api(&["detections", "list", "--device", device, "--limit", "1000"]);
+        let mut sequences: Vec<u64> = listing["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|item| item["seq"].as_u64().expect("seq"))
+            .collect();
+        sequences.sort_unstable();
+        sequences
+    }
+
+    /// Polls until `device` has exactly `1..=count` stored.
+    fn wait_sequences(&self, device: &str, count: u64) {
+        let deadline = Instant::now() + WAIT;
+        let expected: Vec<u64> = (1..=count).collect();
+        loop {
+            let stored = self.stored_sequences(device);
+            if stored == expected {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server stored {stored:?}, expected 1..={count}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Tells the trap's PIR to fire `times` times, waiting for each burst.
+fn motion(trap: &mut Process, times: usize, burst_len: usize) -> u64 {
+    let mut last = 0;
+    for _ in 0..times {
+        writeln!(trap.stdin(), "pir").expect("trap stdin");
+        trap.stdin().flush().expect("trap stdin");
+        for _ in 0..burst_len {
+            let line = trap.expect("queued detection seq=");
+            last = line
+                .split("seq=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|seq| seq.parse().ok())
+                .expect("a sequence number");
+        }
+    }
+    last
+}
+
+#[test]
+fn host_firmware_claims_reports_survives_a_server_restart_and_applies_configuration() {
+    let fleet_binary = std::env::var_os("WILDCAM_FLEET_BIN").map(PathBuf::from);
+    if let Some(reason) = missing_prerequisite(fleet_binary.as_deref()) {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "end-to-end test cannot run under CI: {reason}"
+        );
+        eprintln!("skipping the end-to-end firmware test: {reason}");
+        return;
+    }
+    let work = std::env::temp_dir().join(format!("wildcam-fw-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).expect("work directory");
+    let namespace = Namespace::create();
+    let binary = fleet_binary.expect("checked above");
+    let data_dir = work.join("data");
+    let token_output = must(
+        Command::new(&binary)
+            .args(["token", "create", "--role", "admin", "--data-dir"])
+            .arg(&data_dir),
+    );
+    let api_token = token_output
+        .lines()
+        .find(|line| line.starts_with("wcat_"))
+        .expect("an API token")
+        .to_owned();
+    let fleet = Fleet { namespace: &namespace, binary, data_dir, api_token };
+
+    let server = fleet.serve();
+    let claim = fleet.api(&["claim-tokens", "create", "--uses", "1"]);
+    let claim_token = claim["token"].as_str().expect("claim token").to_owned();
+
+    let start_trap = || {
+        let mut command = namespace.command(env!("CARGO_BIN_EXE_wildcam-trap-host"));
+        command
+            .args(["--tap", TAP, "--address", TRAP_ADDRESS, "--gateway", SERVER_ADDRESS])
+            .args(["--server", SERVER_ADDRESS, "--image-len", "8192", "--flash"])
+            .arg(work.join("trap.flash"))
+            .env("WILDCAM_CLAIM_TOKEN", &claim_token);
+        Process::spawn(command, "trap")
+    };
+    let mut trap = start_trap();
+    let claimed = trap.expect("claimed as device id ");
+    let device = claimed.rsplit(' ').next().expect("a device id").to_owned();
+    trap.expect("connected to the fleet server");
+
+    // Detections and health, acknowledged.
+    let last = motion(&mut trap, 2, 3);
+    assert_eq!(last, 6);
+    trap.expect("0 still queued");
+    fleet.wait_sequences(&device, 6);
+    let health = fleet.api(&["health", &device]);
+    assert!(!health["items"].as_array().expect("health items").is_empty(), "a health report: {health}");
+
+    // The server goes away; detections wait in the trap's flash queue.
+    server.terminate();
+    trap.expect("connection to the fleet server failed");
+    let last = motion(&mut trap, 2, 3);
+    assert_eq!(last, 12);
+    // The trap loses power too (SIGKILL): its queue is in flash.
+    drop(trap);
+    let mut trap = start_trap();
+    trap.expect(&format!("device id {device}"));
+    let server = fleet.serve();
+    trap.expect("connected to the fleet server");
+    trap.expect("0 still queued");
+    fleet.wait_sequences(&device, 12);
+
+    // A configuration through the API: applied, reported, and in effect.
+    let config = work.join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"pir_sensitivity_pct": 75, "burst_len": 2, "capture_windows": [],
+            "timelapse_interval_s": 0, "checkin_interval_s": 600, "upload_policy": "MetadataOnly"}"#,
+    )
+    .expect("config file");
+    let update = fleet.api(&["config", "set", &device, config.to_str().expect("UTF-8 path")]);
+    let version = update["desired"]["version"]
+        .as_u64()
+        .expect("desired version");
+    trap.expect(&format!("applied configuration version {version}"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let state = fleet.api(&["config", "get", &device]);
+        if state["reported"]["version"].as_u64() == Some(version) {
+            assert_eq!(state["reported"]["status"], "Applied");
+            assert_eq!(state["reported"]["config"]["burst_len"], 2);
+            break;
+        }
+        assert!(Instant::now() < deadline, "configuration not reported: {state}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let last = motion(&mut trap, 1, 2);
+    assert_eq!(last, 14, "bursts of two under the new configuration");
+    fleet.wait_sequences(&device, 14);
+
+    drop(trap);
+    server.terminate();
+    drop(namespace);
+    let _ = std::fs::remove_dir_all(&work);
+}
