@@ -3,9 +3,10 @@
 //!
 //! Steps ([`STEPS`]): formatting; clippy on the workspace and on the sdk with
 //! `defmt`; tests (nextest when installed), doc tests and the examples; the sdk's dependency
-//! boundary; the sdk built for both RISC-V chips; the firmware application built for
-//! the ESP32-C3; the firmware's host crates linted and tested, with the end-to-end
-//! test of the host board in a network namespace; every fuzz target built.
+//! boundary; the sdk built for both RISC-V chips; both chips' firmware images built,
+//! checked with esptool and held to the ESP32-C3 size budget; the firmware's host
+//! crates linted and tested, with the end-to-end test of the host board in a network
+//! namespace; every fuzz target built.
 //!
 //! Build outputs: host steps use `target/`; the sdk's RISC-V builds use
 //! `target/riscv` so they never invalidate host builds; the firmware and fuzz
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::firmware::{self, EspChip};
 use crate::toolchain::{ESP32C3_TARGET, ESP32C6_TARGET, RiscvToolchain, host_cargo};
 use crate::{boundary, process};
 
@@ -45,7 +47,10 @@ const STEPS: &[Step] = &[
     Step { name: "sdk dependency boundary", run: dependency_boundary },
     Step { name: "sdk for ESP32-C3 (riscv32imc)", run: sdk_esp32c3 },
     Step { name: "sdk for ESP32-C6 (riscv32imac)", run: sdk_esp32c6 },
-    Step { name: "firmware app for ESP32-C3 (riscv32imc)", run: firmware_esp32c3 },
+    Step {
+        name: "firmware for ESP32-C3 and ESP32-C6 (clippy, images, esptool, size budget)",
+        run: firmware_images,
+    },
     Step { name: "firmware on the host (clippy, tests, end to end over TAP)", run: firmware_host },
     Step { name: "fuzz targets", run: fuzz_targets },
 ];
@@ -184,15 +189,34 @@ fn build_sdk(paths: &Paths, target: &str) -> Result<()> {
     process::run(&mut command)
 }
 
-/// Builds the firmware application crate for the ESP32-C3. It runs in `firmware/`
-/// so that cargo reads `firmware/.cargo/config.toml` (rustflags, build-std). Never
-/// `--workspace`: the host board is in that workspace too.
-fn firmware_esp32c3(paths: &Paths) -> Result<()> {
+/// Builds both chips' firmware in release (the board crates, so the application,
+/// the SDK and the ESP glue are all built for the chip), makes their images with
+/// espflash, checks each with esptool (checksum and SHA-256) and enforces the
+/// ESP32-C3 size budget (`docs/benchmarks.md`). Runs in `firmware/` so that cargo
+/// reads `firmware/.cargo/config.toml` (rustflags, build-std).
+fn firmware_images(paths: &Paths) -> Result<()> {
+    clippy_esp(paths)?;
+    let esptool = firmware::esptool(&paths.root)?;
+    for chip in EspChip::ALL {
+        let build = firmware::build_and_report(&paths.root, chip)?;
+        firmware::check_image(&esptool, chip, &build.app_image)?;
+        if chip == EspChip::Esp32c3 {
+            build.sizes.check_budget()?;
+            println!("{}: within the budget (app image <= 900 KiB, static RAM <= 160 KiB)", chip.name());
+        }
+    }
+    Ok(())
+}
+
+/// Clippy on the ESP glue and board crates, for the ESP32-C3 (the C6 board is
+/// the same code under another chip feature).
+fn clippy_esp(paths: &Paths) -> Result<()> {
     let toolchain = find_toolchain(ESP32C3_TARGET)?;
-    let mut command = toolchain.cargo_build(ESP32C3_TARGET, &["core", "alloc"]);
+    let mut command = toolchain.cargo("clippy", ESP32C3_TARGET, &["core", "alloc"]);
     command
         .current_dir(paths.firmware())
-        .args(["-p", FIRMWARE_APP]);
+        .args(["--release", "-p", "wildcam-firmware-esp", "-p", "wildcam-firmware-esp32c3"])
+        .args(["--", "-D", "warnings"]);
     process::run(&mut command)
 }
 

@@ -11,6 +11,7 @@ pub mod hardware;
 pub mod mqtt;
 pub mod schedule;
 pub mod session;
+pub mod settings;
 pub mod shared;
 pub mod storage;
 pub mod trap;

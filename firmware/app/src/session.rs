@@ -420,6 +420,7 @@ where
             .await?;
         self.publish_health(&mut mqtt, frame).await?;
         log::info!("connected to the fleet server as {id}");
+        self.shared.connected.signal(());
         let now = Instant::now();
         let mut timers = Timers {
             last_sent: now,

@@ -28,6 +28,9 @@ pub struct Shared<Q: QueueStore, S: StateStore, G, C> {
     pub capture_requested: Signal<NoopRawMutex, Trigger>,
     /// A new configuration runs.
     pub config_changed: Signal<NoopRawMutex, ()>,
+    /// The trap reached its fleet server as itself (hello and health sent):
+    /// what a new firmware image's self-test waits for.
+    pub connected: Signal<NoopRawMutex, ()>,
     started: Instant,
 }
 
@@ -41,6 +44,7 @@ impl<Q: QueueStore, S: StateStore, G, C> Shared<Q, S, G, C> {
             detection_queued: Signal::new(),
             capture_requested: Signal::new(),
             config_changed: Signal::new(),
+            connected: Signal::new(),
             started: Instant::now(),
         }
     }
