@@ -176,3 +176,60 @@ async fn capture_burst<Q, S, G, C, Cam, Cls, Pir>(
         shared.detection_queued.signal(());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use embassy_futures::block_on;
+    use wildcam_sdk::protocol::Classification;
+
+    use super::*;
+
+    /// Streams `image` in chunks of 7 bytes.
+    struct FixedCamera<'a> {
+        image: &'a [u8],
+    }
+
+    impl Camera for FixedCamera<'_> {
+        type Error = ();
+        async fn capture<S: FrameSink>(&mut self, sink: &mut S) -> Result<(), ()> {
+            self.image.chunks(7).for_each(|chunk| sink.write(chunk));
+            Ok(())
+        }
+    }
+
+    /// Labels a frame by its byte count.
+    #[derive(Default)]
+    struct CountingClassifier {
+        seen: usize,
+    }
+
+    impl Classifier for CountingClassifier {
+        fn begin(&mut self) {
+            self.seen = 0;
+        }
+        fn feed(&mut self, chunk: &[u8]) {
+            self.seen += chunk.len();
+        }
+        fn finish(&mut self) -> ClassifierVerdict {
+            let label = u16::try_from(self.seen).unwrap_or(u16::MAX);
+            let mut verdict = ClassifierVerdict::default();
+            let _ = verdict
+                .classes
+                .push(Classification { label, confidence_pct: 90 });
+            verdict
+        }
+    }
+
+    #[test]
+    fn a_frame_is_hashed_counted_and_classified_as_it_streams() {
+        let image: std::vec::Vec<u8> = (0..100u8).collect();
+        let mut camera = FixedCamera { image: &image };
+        let mut classifier = CountingClassifier::default();
+        let frame = block_on(capture_frame(&mut camera, &mut classifier)).unwrap();
+        assert_eq!(frame.image_len, 100);
+        assert_eq!(frame.image_digest[..], Sha256::digest(&image)[..8]);
+        assert_eq!(frame.verdict.classes[0].label, 100, "the classifier saw every byte");
+        let again = block_on(capture_frame(&mut camera, &mut classifier)).unwrap();
+        assert_eq!(again, frame, "begin() resets the classifier");
+    }
+}

@@ -152,6 +152,10 @@ where
         frame: [0; FRAME_LEN_MAX],
     };
     let mut backoff = Backoff::new(BackoffConfig::new(1_000, 60_000).unwrap_or_default());
+    stack.wait_config_up().await;
+    if let Some(config) = stack.config_v4() {
+        log::info!("network up: address {}", config.address);
+    }
     loop {
         match connect_once(shared, stack, settings, &mut hardware.entropy, &mut buffers).await {
             Ok(Ended::Claimed) => backoff.reset(),

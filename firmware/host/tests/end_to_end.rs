@@ -1,12 +1,13 @@
 //! End to end: the host firmware in a network namespace, on a TAP device,
 //! against the real fleet server (`wildcam-fleet serve`) on the namespace's
-//! side of the TAP. It claims itself with a claim token, sends detections and
+//! side of the TAP. It gets its address over DHCP (dnsmasq on the TAP), claims
+//! itself with a claim token, sends detections and
 //! health, is acked, keeps its queue across a server restart and its own
 //! power loss (no detection lost or duplicated), and applies a configuration
 //! sent through the API.
 //!
-//! Needs root (network namespaces, TAP), `ip` (iproute2) and the server
-//! binary in `WILDCAM_FLEET_BIN` (`cargo xtask ci` builds it and sets it).
+//! Needs root (network namespaces, TAP), `ip` (iproute2), `dnsmasq` (Debian
+//! dnsmasq-base) and the server binary in `WILDCAM_FLEET_BIN` (`cargo xtask ci` builds it and sets it).
 //! Without them the test is skipped with a message, except under `CI=true`,
 //! where it fails. All traffic stays inside the namespace it creates.
 //!
@@ -23,7 +24,8 @@ use serde_json::Value;
 
 const TAP: &str = "wctap0";
 const SERVER_ADDRESS: &str = "192.168.77.1";
-const TRAP_ADDRESS: &str = "192.168.77.2/24";
+/// The addresses dnsmasq leases to the trap.
+const DHCP_RANGE: &str = "192.168.77.50,192.168.77.99,255.255.255.0,10m";
 /// Longest wait for any one expected event.
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -37,6 +39,9 @@ fn missing_prerequisite(fleet: Option<&Path>) -> Option<String> {
     }
     if run_ok(Command::new("ip").arg("-V")).is_none() {
         return Some("`ip` (Debian package iproute2) is not installed".into());
+    }
+    if run_ok(Command::new("dnsmasq").arg("--version")).is_none() {
+        return Some("`dnsmasq` (Debian package dnsmasq-base) is not installed".into());
     }
     match fleet {
         None => Some("WILDCAM_FLEET_BIN is not set to the wildcam-fleet binary".into()),
@@ -192,6 +197,22 @@ impl Drop for Process {
     }
 }
 
+/// dnsmasq serving DHCP (only) on the namespace's side of the TAP.
+fn dhcp_server(namespace: &Namespace, work: &Path) -> Process {
+    let mut command = namespace.command("dnsmasq");
+    command
+        .args(["--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
+        .args(["--port=0", "--bind-interfaces", "--user=root", "--log-dhcp", "--log-facility=-"])
+        .arg(format!("--interface={TAP}"))
+        .arg(format!("--dhcp-range={DHCP_RANGE}"))
+        .arg(format!("--dhcp-option=option:router,{SERVER_ADDRESS}"))
+        .arg(format!("--dhcp-leasefile={}", work.join("leases").display()))
+        .arg(format!("--pid-file={}", work.join("dnsmasq.pid").display()));
+    let mut dnsmasq = Process::spawn(command, "dhcp");
+    dnsmasq.expect("DHCP, IP range");
+    dnsmasq
+}
+
 /// The fleet server and its operator CLI, all inside the namespace.
 struct Fleet<'a> {
     namespace: &'a Namespace,
@@ -307,16 +328,18 @@ fn host_firmware_claims_reports_survives_a_server_restart_and_applies_configurat
     let claim = fleet.api(&["claim-tokens", "create", "--uses", "1"]);
     let claim_token = claim["token"].as_str().expect("claim token").to_owned();
 
+    let _dhcp = dhcp_server(&namespace, &work);
     let start_trap = || {
         let mut command = namespace.command(env!("CARGO_BIN_EXE_wildcam-trap-host"));
         command
-            .args(["--tap", TAP, "--address", TRAP_ADDRESS, "--gateway", SERVER_ADDRESS])
+            .args(["--tap", TAP, "--dhcp"])
             .args(["--server", SERVER_ADDRESS, "--image-len", "8192", "--flash"])
             .arg(work.join("trap.flash"))
             .env("WILDCAM_CLAIM_TOKEN", &claim_token);
         Process::spawn(command, "trap")
     };
     let mut trap = start_trap();
+    trap.expect("network up: address 192.168.77.");
     let claimed = trap.expect("claimed as device id ");
     let device = claimed.rsplit(' ').next().expect("a device id").to_owned();
     trap.expect("connected to the fleet server");
