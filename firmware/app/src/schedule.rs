@@ -65,17 +65,19 @@ impl SleepPlan {
     }
 }
 
-/// The plan after a check-in that ended `since_checkin_s` ago, with
-/// `queue_len` detections waiting.
+/// The plan after a check-in that ended `since_checkin_s` ago; `waiting_s`
+/// is how long the oldest queued detection has waited since then (`None`:
+/// nothing queued). The upload delay counts from that first detection, so a
+/// stream of triggers cannot postpone the upload forever.
 pub fn sleep_plan(
     config: &TrapConfig,
     upload_delay_s: u32,
     since_checkin_s: u32,
-    queue_len: u32,
+    waiting_s: Option<u32>,
 ) -> SleepPlan {
     SleepPlan {
         checkin_in_s: config.checkin_interval_s.saturating_sub(since_checkin_s),
-        upload_in_s: (queue_len > 0).then_some(upload_delay_s),
+        upload_in_s: waiting_s.map(|waited| upload_delay_s.saturating_sub(waited)),
     }
 }
 
@@ -117,10 +119,12 @@ mod tests {
     #[test]
     fn sleep_until_the_checkin_or_the_upload() {
         let config = TrapConfig { checkin_interval_s: 3_600, ..TrapConfig::default() };
-        let idle = sleep_plan(&config, 30, 600, 0);
+        let idle = sleep_plan(&config, 30, 600, None);
         assert_eq!(idle, SleepPlan { checkin_in_s: 3_000, upload_in_s: None });
         assert_eq!(idle.sleep_s(), 3_000);
-        assert_eq!(sleep_plan(&config, 30, 600, 2).sleep_s(), 30);
-        assert_eq!(sleep_plan(&config, 30, 4_000, 0).sleep_s(), 0, "overdue: connect now");
+        assert_eq!(sleep_plan(&config, 30, 600, Some(0)).sleep_s(), 30);
+        assert_eq!(sleep_plan(&config, 30, 600, Some(25)).sleep_s(), 5, "later detections do not postpone");
+        assert_eq!(sleep_plan(&config, 30, 600, Some(90)).sleep_s(), 0);
+        assert_eq!(sleep_plan(&config, 30, 4_000, None).sleep_s(), 0, "overdue: connect now");
     }
 }

@@ -185,18 +185,23 @@ async fn sleep_until_due<Q: QueueStore, S: StateStore, G, C>(
         return;
     };
     let went_idle = Instant::now();
+    let mut first_waiting: Option<Instant> = None;
     loop {
-        let since_s = u32::try_from(went_idle.elapsed().as_secs()).unwrap_or(u32::MAX);
         let (config, queue_len) = {
             let trap = shared.trap.borrow();
             (trap.config().clone(), trap.queue_stats().len)
         };
-        let plan = schedule::sleep_plan(&config, upload_delay_s, since_s, queue_len);
+        if queue_len > 0 {
+            first_waiting.get_or_insert_with(Instant::now);
+        }
+        let seconds = |since: Instant| u32::try_from(since.elapsed().as_secs()).unwrap_or(u32::MAX);
+        let plan =
+            schedule::sleep_plan(&config, upload_delay_s, seconds(went_idle), first_waiting.map(seconds));
         log::info!("sleeping up to {} s before the next check-in", plan.sleep_s());
         let wake = Timer::after_secs(u64::from(plan.sleep_s()));
         match select(wake, shared.detection_queued.wait()).await {
             Either::First(()) => return,
-            Either::Second(()) => continue, // Re-plan: the upload delay starts.
+            Either::Second(()) => continue, // Re-plan: the upload may now be due.
         }
     }
 }

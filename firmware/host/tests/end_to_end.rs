@@ -72,6 +72,13 @@ fn must(command: &mut Command) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// `ip netns exec <namespace> <program>`.
+fn netns_command(namespace: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", namespace]).arg(program);
+    command
+}
+
 /// A network namespace with a TAP device, deleted on drop (which also
 /// removes the TAP and ends nothing else: the test kills its processes first).
 struct Namespace {
@@ -79,8 +86,8 @@ struct Namespace {
 }
 
 impl Namespace {
-    fn create() -> Self {
-        let name = format!("wcfw-e2e-{}", std::process::id());
+    fn create(test: &str) -> Self {
+        let name = format!("wcfw-{test}-{}", std::process::id());
         must(Command::new("ip").args(["netns", "add", &name]));
         let namespace = Self { name };
         namespace.exec_must(&["ip", "link", "set", "lo", "up"]);
@@ -92,9 +99,7 @@ impl Namespace {
 
     /// `ip netns exec <name> <program>`.
     fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name]).arg(program);
-        command
+        netns_command(&self.name, program)
     }
 
     fn exec_must(&self, words: &[&str]) -> String {
@@ -214,16 +219,16 @@ fn dhcp_server(namespace: &Namespace, work: &Path) -> Process {
 }
 
 /// The fleet server and its operator CLI, all inside the namespace.
-struct Fleet<'a> {
-    namespace: &'a Namespace,
+struct Fleet {
+    namespace: String,
     binary: PathBuf,
     data_dir: PathBuf,
     api_token: String,
 }
 
-impl Fleet<'_> {
+impl Fleet {
     fn serve(&self) -> Process {
-        let mut command = self.namespace.command(&self.binary);
+        let mut command = netns_command(&self.namespace, &self.binary);
         command
             .arg("serve")
             .env("WILDCAM__DATA_DIR", &self.data_dir)
@@ -238,7 +243,7 @@ impl Fleet<'_> {
 
     /// An operator command, its `--json` output parsed.
     fn api(&self, arguments: &[&str]) -> Value {
-        let mut command = self.namespace.command(&self.binary);
+        let mut command = netns_command(&self.namespace, &self.binary);
         command
             .args(arguments)
             .args(["--json", "--server", "http://127.0.0.1:18080"])
@@ -295,53 +300,123 @@ fn motion(trap: &mut Process, times: usize, burst_len: usize) -> u64 {
     last
 }
 
-#[test]
-fn host_firmware_claims_reports_survives_a_server_restart_and_applies_configuration() {
-    let fleet_binary = std::env::var_os("WILDCAM_FLEET_BIN").map(PathBuf::from);
-    if let Some(reason) = missing_prerequisite(fleet_binary.as_deref()) {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "end-to-end test cannot run under CI: {reason}"
+/// A namespace with DHCP and a fleet server, and a claim token for a trap.
+/// Fields drop in order: processes before the namespace.
+struct World {
+    fleet: Fleet,
+    claim_token: String,
+    work: PathBuf,
+    _dhcp: Process,
+    namespace: Namespace,
+}
+
+impl World {
+    /// Sets everything up (the server is returned running), or `None` when
+    /// the test cannot run here (a failure under CI).
+    fn new(test: &str) -> Option<(Self, Process)> {
+        let fleet_binary = std::env::var_os("WILDCAM_FLEET_BIN").map(PathBuf::from);
+        if let Some(reason) = missing_prerequisite(fleet_binary.as_deref()) {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "end-to-end test cannot run under CI: {reason}"
+            );
+            eprintln!("skipping the end-to-end firmware test: {reason}");
+            return None;
+        }
+        let work = std::env::temp_dir().join(format!("wildcam-fw-{test}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).expect("work directory");
+        let namespace = Namespace::create(test);
+        let binary = fleet_binary.expect("checked above");
+        let data_dir = work.join("data");
+        let token_output = must(
+            Command::new(&binary)
+                .args(["token", "create", "--role", "admin", "--data-dir"])
+                .arg(&data_dir),
         );
-        eprintln!("skipping the end-to-end firmware test: {reason}");
-        return;
+        let api_token = token_output
+            .lines()
+            .find(|line| line.starts_with("wcat_"))
+            .expect("an API token")
+            .to_owned();
+        let fleet = Fleet { namespace: namespace.name.clone(), binary, data_dir, api_token };
+        let server = fleet.serve();
+        let claim = fleet.api(&["claim-tokens", "create", "--uses", "1"]);
+        let claim_token = claim["token"].as_str().expect("claim token").to_owned();
+        let dhcp = dhcp_server(&namespace, &work);
+        Some((Self { fleet, claim_token, work, _dhcp: dhcp, namespace }, server))
     }
-    let work = std::env::temp_dir().join(format!("wildcam-fw-e2e-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).expect("work directory");
-    let namespace = Namespace::create();
-    let binary = fleet_binary.expect("checked above");
-    let data_dir = work.join("data");
-    let token_output = must(
-        Command::new(&binary)
-            .args(["token", "create", "--role", "admin", "--data-dir"])
-            .arg(&data_dir),
-    );
-    let api_token = token_output
-        .lines()
-        .find(|line| line.starts_with("wcat_"))
-        .expect("an API token")
-        .to_owned();
-    let fleet = Fleet { namespace: &namespace, binary, data_dir, api_token };
 
-    let server = fleet.serve();
-    let claim = fleet.api(&["claim-tokens", "create", "--uses", "1"]);
-    let claim_token = claim["token"].as_str().expect("claim token").to_owned();
-
-    let _dhcp = dhcp_server(&namespace, &work);
-    let start_trap = || {
-        let mut command = namespace.command(env!("CARGO_BIN_EXE_wildcam-trap-host"));
+    /// Starts the trap (DHCP, its flash in the work directory) with `extra` flags.
+    fn start_trap(&self, extra: &[&str]) -> Process {
+        let mut command = self
+            .namespace
+            .command(env!("CARGO_BIN_EXE_wildcam-trap-host"));
         command
             .args(["--tap", TAP, "--dhcp"])
             .args(["--server", SERVER_ADDRESS, "--image-len", "8192", "--flash"])
-            .arg(work.join("trap.flash"))
-            .env("WILDCAM_CLAIM_TOKEN", &claim_token);
+            .arg(self.work.join("trap.flash"))
+            .args(extra)
+            .env("WILDCAM_CLAIM_TOKEN", &self.claim_token);
         Process::spawn(command, "trap")
-    };
-    let mut trap = start_trap();
+    }
+
+    /// Writes a configuration file with `burst_len` and sets it for `device`;
+    /// returns the desired version.
+    fn set_config(&self, device: &str, burst_len: u8) -> u64 {
+        let config = self.work.join("config.json");
+        let text = format!(
+            r#"{{"pir_sensitivity_pct": 75, "burst_len": {burst_len}, "capture_windows": [],
+                "timelapse_interval_s": 0, "checkin_interval_s": 600, "upload_policy": "MetadataOnly"}}"#
+        );
+        std::fs::write(&config, text).expect("config file");
+        let update = self
+            .fleet
+            .api(&["config", "set", device, config.to_str().expect("UTF-8 path")]);
+        update["desired"]["version"]
+            .as_u64()
+            .expect("desired version")
+    }
+
+    /// Polls until the trap reports `version` applied with `burst_len`.
+    fn wait_reported(&self, device: &str, version: u64, burst_len: u8) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let state = self.fleet.api(&["config", "get", device]);
+            if state["reported"]["version"].as_u64() == Some(version) {
+                assert_eq!(state["reported"]["status"], "Applied");
+                assert_eq!(state["reported"]["config"]["burst_len"], burst_len);
+                return;
+            }
+            assert!(Instant::now() < deadline, "configuration not reported: {state}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+    }
+}
+
+/// The device id from the trap's claim line.
+fn claimed_device(trap: &mut Process) -> String {
     trap.expect("network up: address 192.168.77.");
     let claimed = trap.expect("claimed as device id ");
-    let device = claimed.rsplit(' ').next().expect("a device id").to_owned();
+    claimed.rsplit(' ').next().expect("a device id").to_owned()
+}
+
+#[test]
+fn host_firmware_claims_reports_survives_a_server_restart_and_applies_configuration() {
+    let Some((world, server)) = World::new("e2e") else {
+        return;
+    };
+    let fleet = &world.fleet;
+    let mut trap = world.start_trap(&[]);
+    let device = claimed_device(&mut trap);
     trap.expect("connected to the fleet server");
 
     // Detections and health, acknowledged.
@@ -359,7 +434,7 @@ fn host_firmware_claims_reports_survives_a_server_restart_and_applies_configurat
     assert_eq!(last, 12);
     // The trap loses power too (SIGKILL): its queue is in flash.
     drop(trap);
-    let mut trap = start_trap();
+    let mut trap = world.start_trap(&[]);
     trap.expect(&format!("device id {device}"));
     let server = fleet.serve();
     trap.expect("connected to the fleet server");
@@ -367,35 +442,42 @@ fn host_firmware_claims_reports_survives_a_server_restart_and_applies_configurat
     fleet.wait_sequences(&device, 12);
 
     // A configuration through the API: applied, reported, and in effect.
-    let config = work.join("config.json");
-    std::fs::write(
-        &config,
-        r#"{"pir_sensitivity_pct": 75, "burst_len": 2, "capture_windows": [],
-            "timelapse_interval_s": 0, "checkin_interval_s": 600, "upload_policy": "MetadataOnly"}"#,
-    )
-    .expect("config file");
-    let update = fleet.api(&["config", "set", &device, config.to_str().expect("UTF-8 path")]);
-    let version = update["desired"]["version"]
-        .as_u64()
-        .expect("desired version");
+    let version = world.set_config(&device, 2);
     trap.expect(&format!("applied configuration version {version}"));
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let state = fleet.api(&["config", "get", &device]);
-        if state["reported"]["version"].as_u64() == Some(version) {
-            assert_eq!(state["reported"]["status"], "Applied");
-            assert_eq!(state["reported"]["config"]["burst_len"], 2);
-            break;
-        }
-        assert!(Instant::now() < deadline, "configuration not reported: {state}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    world.wait_reported(&device, version, 2);
     let last = motion(&mut trap, 1, 2);
     assert_eq!(last, 14, "bursts of two under the new configuration");
     fleet.wait_sequences(&device, 14);
 
     drop(trap);
     server.terminate();
-    drop(namespace);
-    let _ = std::fs::remove_dir_all(&work);
+}
+
+#[test]
+fn a_checking_in_trap_sleeps_and_catches_up_on_configuration_when_it_wakes() {
+    let Some((world, server)) = World::new("checkin") else {
+        return;
+    };
+    // Linger 1 s after each check-in, upload as soon as a detection waits.
+    let mut trap = world.start_trap(&["--check-in", "1,0"]);
+    let device = claimed_device(&mut trap);
+    trap.expect("connected to the fleet server");
+    trap.expect("check-in done: disconnecting");
+    trap.expect("sleeping up to");
+
+    // Set while the trap sleeps: it gets it from the catch-up after its hello.
+    let version = world.set_config(&device, 2);
+    let last = motion(&mut trap, 1, 3);
+    assert_eq!(last, 3, "the burst was taken under the old configuration");
+    // The trap connects, says hello, gets the configuration and sends the
+    // burst (its log lines interleave with the capture's, so the server is
+    // asked instead).
+    world.wait_reported(&device, version, 2);
+    world.fleet.wait_sequences(&device, 3);
+    trap.expect("check-in done: disconnecting");
+    let last = motion(&mut trap, 1, 2);
+    assert_eq!(last, 5);
+    world.fleet.wait_sequences(&device, 5);
+    drop(trap);
+    server.terminate();
 }
