@@ -3,8 +3,10 @@
 //!
 //! Steps ([`STEPS`]): formatting; clippy on the workspace and on the sdk with
 //! `defmt`; tests (nextest when installed), doc tests and the examples; the sdk's dependency
-//! boundary; the sdk built for both RISC-V chips; the firmware workspace built for
-//! the ESP32-C3; every fuzz target built.
+//! boundary; the sdk built for both RISC-V chips; both chips' firmware images built,
+//! checked with esptool and held to the ESP32-C3 size budget; the firmware's host
+//! crates linted and tested, with the end-to-end test of the host board in a network
+//! namespace; every fuzz target built.
 //!
 //! Build outputs: host steps use `target/`; the sdk's RISC-V builds use
 //! `target/riscv` so they never invalidate host builds; the firmware and fuzz
@@ -18,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::firmware::{self, EspChip};
 use crate::toolchain::{ESP32C3_TARGET, ESP32C6_TARGET, RiscvToolchain, host_cargo};
 use crate::{boundary, process};
 
@@ -44,7 +47,11 @@ const STEPS: &[Step] = &[
     Step { name: "sdk dependency boundary", run: dependency_boundary },
     Step { name: "sdk for ESP32-C3 (riscv32imc)", run: sdk_esp32c3 },
     Step { name: "sdk for ESP32-C6 (riscv32imac)", run: sdk_esp32c6 },
-    Step { name: "firmware for ESP32-C3 (riscv32imc)", run: firmware_esp32c3 },
+    Step {
+        name: "firmware for ESP32-C3 and ESP32-C6 (clippy, images, esptool, size budget)",
+        run: firmware_images,
+    },
+    Step { name: "firmware on the host (clippy, tests, end to end over TAP)", run: firmware_host },
     Step { name: "fuzz targets", run: fuzz_targets },
 ];
 
@@ -182,13 +189,61 @@ fn build_sdk(paths: &Paths, target: &str) -> Result<()> {
     process::run(&mut command)
 }
 
-/// Builds the firmware workspace for the ESP32-C3. It runs in `firmware/` so that
-/// cargo reads `firmware/.cargo/config.toml` (rustflags, build-std).
-fn firmware_esp32c3(paths: &Paths) -> Result<()> {
+/// Builds both chips' firmware in release (the board crates, so the application,
+/// the SDK and the ESP glue are all built for the chip), makes their images with
+/// espflash, checks each with esptool (checksum and SHA-256) and enforces the
+/// ESP32-C3 size budget (`docs/benchmarks.md`). Runs in `firmware/` so that cargo
+/// reads `firmware/.cargo/config.toml` (rustflags, build-std).
+fn firmware_images(paths: &Paths) -> Result<()> {
+    clippy_esp(paths)?;
+    let esptool = firmware::esptool(&paths.root)?;
+    for chip in EspChip::ALL {
+        let build = firmware::build_and_report(&paths.root, chip)?;
+        firmware::check_image(&esptool, chip, &build.app_image)?;
+        if chip == EspChip::Esp32c3 {
+            build.sizes.check_budget()?;
+            println!("{}: within the budget (app image <= 900 KiB, static RAM <= 160 KiB)", chip.name());
+        }
+    }
+    Ok(())
+}
+
+/// Clippy on the ESP glue and board crates, for the ESP32-C3 (the C6 board is
+/// the same code under another chip feature).
+fn clippy_esp(paths: &Paths) -> Result<()> {
     let toolchain = find_toolchain(ESP32C3_TARGET)?;
-    let mut command = toolchain.cargo_build(ESP32C3_TARGET, &["core", "alloc"]);
-    command.current_dir(paths.firmware()).arg("--workspace");
+    let mut command = toolchain.cargo("clippy", ESP32C3_TARGET, &["core", "alloc"]);
+    command
+        .current_dir(paths.firmware())
+        .args(["--release", "-p", "wildcam-firmware-esp", "-p", "wildcam-firmware-esp32c3"])
+        .args(["--", "-D", "warnings"]);
     process::run(&mut command)
+}
+
+/// The firmware crates that build for the host.
+const FIRMWARE_HOST_CRATES: [&str; 4] = ["-p", FIRMWARE_APP, "-p", "wildcam-firmware-host"];
+const FIRMWARE_APP: &str = "wildcam-firmware-app";
+
+/// Clippy and the tests of the firmware crates that run on the host, including
+/// the end-to-end test of the host board against the real server
+/// (`firmware/host/tests/end_to_end.rs`, which needs root: CI runs as root and
+/// fails it when a prerequisite is missing).
+fn firmware_host(paths: &Paths) -> Result<()> {
+    cargo(paths, &["build", "--locked", "-p", "wildcam-fleet-server", "--bin", "wildcam-fleet"])?;
+    let fleet = paths.root.join("target/debug/wildcam-fleet");
+    let mut clippy = paths.cargo();
+    clippy
+        .current_dir(paths.firmware())
+        .args(["clippy", "--locked", "--all-targets"])
+        .args(FIRMWARE_HOST_CRATES)
+        .args(["--", "-D", "warnings"]);
+    process::run(&mut clippy)?;
+    let mut test = paths.cargo();
+    test.current_dir(paths.firmware())
+        .args(["test", "--locked"])
+        .args(FIRMWARE_HOST_CRATES)
+        .env("WILDCAM_FLEET_BIN", fleet);
+    process::run(&mut test)
 }
 
 fn find_toolchain(target: &str) -> Result<RiscvToolchain> {

@@ -17,6 +17,8 @@
 mod bench;
 mod boundary;
 mod ci;
+mod firmware;
+mod flash;
 mod key;
 mod keygen;
 mod process;
@@ -48,6 +50,11 @@ enum Verb {
     Sign(sign::Args),
     /// Check a signed OTA manifest (and optionally its image) as a trap would.
     VerifyManifest(sign::VerifyArgs),
+    /// Build a board's firmware: `firmware build --chip esp32c3|esp32c6|host`.
+    Firmware(firmware::Args),
+    /// Build, sign and flash a chip's firmware through espflash, or save its
+    /// images with --save-image DIR.
+    Flash(flash::Args),
     /// Benchmark sustained durable ingest from many MQTT clients (or the same load
     /// through Mosquitto) and print throughput, latency, CPU and memory.
     BenchIngest(bench::Args),
@@ -72,6 +79,8 @@ fn run(verb: Verb) -> anyhow::Result<()> {
         Verb::Sign(args) => sign::run(&args),
         Verb::VerifyManifest(args) => sign::run_verify(&args),
         Verb::BenchIngest(args) => bench::run(&args),
+        Verb::Firmware(args) => firmware::run(&args),
+        Verb::Flash(args) => flash::run(&args),
     }
 }
 

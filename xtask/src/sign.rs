@@ -33,7 +33,7 @@ use crate::{key, keygen};
 /// Mode of the manifest file: it is public.
 const MANIFEST_MODE: u32 = 0o644;
 /// Default minimum battery for an update, millivolts (a Li-ion cell at ~20 %).
-const MIN_BATTERY_MV_DEFAULT: u16 = 3_500;
+pub const MIN_BATTERY_MV_DEFAULT: u16 = 3_500;
 
 /// Flags of `cargo xtask sign`.
 #[derive(Debug, clap::Args)]

@@ -28,14 +28,17 @@ pub const ESP32C3_TARGET: &str = "riscv32imc-unknown-none-elf";
 pub const ESP32C6_TARGET: &str = "riscv32imac-unknown-none-elf";
 
 /// Debian 12 packages that make up the RISC-V capable toolchain. `lld-22` must be
-/// named explicitly or linking fails. `.ci/run` installs the same list (and `mosquitto` and
-/// `openssl`, for the fleet server's external-broker tests).
-pub const DEBIAN_PACKAGES: &[&str] = &["rustc-web", "cargo-web", "rust-web-src", "rust-web-llvm", "lld-22"];
+/// named explicitly or linking fails. `.ci/run` installs the same list (and the tools the
+/// tests need: `mosquitto`, `openssl`, `iproute2`, `dnsmasq-base`, `python3-venv`).
+/// `rust-web-clippy` lints the firmware for the chips.
+pub const DEBIAN_PACKAGES: &[&str] =
+    &["rustc-web", "cargo-web", "rust-web-src", "rust-web-llvm", "lld-22", "rust-web-clippy"];
 
 const DEBIAN_CARGO: &str = "/usr/bin/cargo";
 const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
 const DEBIAN_LINKER: &str = "/usr/bin/rust-lld";
 const DEBIAN_CORE_SOURCES: &str = "/usr/lib/rustlib/src/rust/library/core";
+const DEBIAN_CLIPPY: &str = "/usr/bin/clippy-driver";
 
 /// A `cargo` command of the toolchain running xtask (`$CARGO`, set by `cargo run`),
 /// so every host step uses the same compiler as `cargo xtask` itself.
@@ -82,11 +85,17 @@ impl RiscvToolchain {
     /// `cargo build --target <target>`. `std_crates` (`core`, `alloc`) are the
     /// standard crates to build from source where no prebuilt ones exist.
     pub fn cargo_build(self, target: &str, std_crates: &[&str]) -> Command {
+        self.cargo("build", target, std_crates)
+    }
+
+    /// `cargo <subcommand> --target <target>` (`build`, `clippy`), building
+    /// `std_crates` from source where no prebuilt ones exist.
+    pub fn cargo(self, subcommand: &str, target: &str, std_crates: &[&str]) -> Command {
         let mut command = match self {
             Self::Prebuilt => host_cargo(),
             Self::Debian => debian_cargo(target),
         };
-        command.args(["build", "--locked", "--target", target]);
+        command.args([subcommand, "--locked", "--target", target]);
         if self == Self::Debian {
             command.arg(format!("-Zbuild-std={}", std_crates.join(",")));
         }
@@ -101,7 +110,15 @@ fn debian_cargo(target: &str) -> Command {
     for inherited in ["RUSTUP_TOOLCHAIN", "RUSTUP_TOOLCHAIN_SOURCE", "LD_LIBRARY_PATH", "CARGO"] {
         command.env_remove(inherited);
     }
+    // Subcommands (`cargo clippy`) are found on PATH: Debian's first, not
+    // rustup's proxies, which would run another toolchain's driver.
+    let mut path = OsString::from("/usr/bin");
+    if let Some(inherited) = env::var_os("PATH") {
+        path.push(":");
+        path.push(inherited);
+    }
     command
+        .env("PATH", path)
         .env("RUSTC", DEBIAN_RUSTC)
         .env("RUSTC_BOOTSTRAP", "1")
         .env(linker_variable(target), DEBIAN_LINKER);
@@ -137,8 +154,8 @@ fn directory_has_core(directory: &Path) -> bool {
     })
 }
 
-fn debian_paths() -> [PathBuf; 4] {
-    [DEBIAN_CARGO, DEBIAN_RUSTC, DEBIAN_LINKER, DEBIAN_CORE_SOURCES].map(PathBuf::from)
+fn debian_paths() -> [PathBuf; 5] {
+    [DEBIAN_CARGO, DEBIAN_RUSTC, DEBIAN_LINKER, DEBIAN_CORE_SOURCES, DEBIAN_CLIPPY].map(PathBuf::from)
 }
 
 fn debian_paths_text() -> String {
@@ -216,7 +233,9 @@ mod tests {
         let help = missing_toolchain_help(ESP32C3_TARGET);
         assert!(help.contains("rustup target add riscv32imc-unknown-none-elf"), "{help}");
         assert!(
-            help.contains("apt-get install rustc-web cargo-web rust-web-src rust-web-llvm lld-22"),
+            help.contains(
+                "apt-get install rustc-web cargo-web rust-web-src rust-web-llvm lld-22 rust-web-clippy"
+            ),
             "{help}"
         );
     }
