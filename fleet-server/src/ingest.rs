@@ -41,6 +41,11 @@ use crate::store::{AckUpdate, BATCH_ITEMS_MAX, Clock, IngestBatch, Received, Sto
 
 /// Most hello catch-ups (configuration and commands) running at once.
 const CATCH_UPS_MAX: usize = 64;
+/// Hello catch-ups waiting for one of the [`CATCH_UPS_MAX`] slots. A whole fleet
+/// reconnecting at once (a broker or server restart, 10,000 traps) says hello within
+/// seconds: the catch-ups queue here and run in turn; only beyond this many waiting is
+/// one dropped (logged; the trap's next hello asks again). ~60 bytes each.
+const CATCH_UP_QUEUE_LEN: usize = 32_768;
 /// Longest sealed uplink frame.
 const FRAME_LEN_MAX: usize = Uplink::ENCODED_LEN_MAX + SEAL_OVERHEAD;
 
@@ -343,7 +348,9 @@ impl Committer {
 
     /// Sends each committed batch's acks, then applies its side effects.
     async fn acknowledge(self: Arc<Self>, mut committed: mpsc::Receiver<Committed>) {
-        let catch_ups = Arc::new(Semaphore::new(CATCH_UPS_MAX));
+        let (catch_ups, queued) = mpsc::channel(CATCH_UP_QUEUE_LEN);
+        // Detached, as the catch-ups themselves: the queue ends with this task.
+        tokio::spawn(run_catch_ups(self.downlink.clone(), queued));
         while let Some(Committed { acks, side_effects }) = committed.recv().await {
             for ack in acks {
                 let message = Ack { through: ack.acked_through };
@@ -357,23 +364,18 @@ impl Committer {
         }
     }
 
-    async fn apply(&self, effect: SideEffect, catch_ups: &Arc<Semaphore>) {
+    async fn apply(&self, effect: SideEffect, catch_ups: &mpsc::Sender<(DeviceId, u32)>) {
         match effect {
             SideEffect::Hello { device, config_version } => {
-                let Ok(permit) = catch_ups.clone().try_acquire_owned() else {
+                if let Err(mpsc::error::TrySendError::Full((device, _))) =
+                    catch_ups.try_send((device, config_version))
+                {
                     tracing::warn!(
                         device = device.as_str(),
-                        "too many catch-ups running; the next hello retries"
+                        queued = CATCH_UP_QUEUE_LEN,
+                        "catch-up queue full; the next hello retries"
                     );
-                    return;
-                };
-                let downlink = self.downlink.clone();
-                tokio::spawn(async move {
-                    if let Err(error) = downlink.catch_up(&device, config_version).await {
-                        tracing::warn!(device = device.as_str(), %error, "catch-up failed");
-                    }
-                    drop(permit);
-                });
+                }
             }
             SideEffect::ReportedConfig { device, report } => {
                 let at = self.clock.now_ms();
@@ -395,6 +397,22 @@ impl Committer {
                 }
             }
         }
+    }
+}
+
+/// Runs the queued hello catch-ups, at most [`CATCH_UPS_MAX`] at once, in the order the
+/// hellos were committed, until the queue closes.
+async fn run_catch_ups(downlink: Downlink, mut queued: mpsc::Receiver<(DeviceId, u32)>) {
+    let slots = Arc::new(Semaphore::new(CATCH_UPS_MAX));
+    while let Some((device, config_version)) = queued.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        let downlink = downlink.clone();
+        tokio::spawn(async move {
+            if let Err(error) = downlink.catch_up(&device, config_version).await {
+                tracing::warn!(device = device.as_str(), %error, "catch-up failed");
+            }
+            drop(permit);
+        });
     }
 }
 

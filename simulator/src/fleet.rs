@@ -469,6 +469,7 @@ async fn claim_once(
         keep_alive: Duration::from_secs(30),
         inflight: 4,
         subscribe: Some(down.as_str()),
+        timeout: crate::mqtt::CONNECT_TIMEOUT,
     })
     .await
     .map_err(|_| None)?;

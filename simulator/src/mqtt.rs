@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Packet, QoS};
 
-/// Longest wait for a CONNACK or SUBACK.
+/// Longest wait for a CONNACK, a SUBACK or a provisioning answer unless the scenario
+/// says otherwise (`network.connect_timeout_s`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest packet a trap accepts (an OTA chunk is 1,060 bytes sealed).
 const PACKET_LEN_MAX: usize = 4 * 1024;
@@ -27,6 +28,8 @@ pub struct ConnectOptions<'a> {
     pub inflight: u16,
     /// Topic filter to subscribe to after connecting, if any.
     pub subscribe: Option<&'a str>,
+    /// Longest wait for the CONNACK, and then for the SUBACK.
+    pub timeout: Duration,
 }
 
 /// A connected client: publish through `client`, poll `eventloop`.
@@ -45,7 +48,7 @@ impl std::fmt::Debug for Link {
 
 impl Link {
     /// Connects, waits for the CONNACK and, if asked, subscribes and waits
-    /// for the SUBACK; each within [`CONNECT_TIMEOUT`].
+    /// for the SUBACK; each within `options.timeout`.
     pub async fn connect(options: ConnectOptions<'_>) -> Result<Self, String> {
         let mut mqtt =
             MqttOptions::new(options.client_id, options.addr.ip().to_string(), options.addr.port());
@@ -63,13 +66,18 @@ impl Link {
         // Without it a publish written right after a PUBACK waits for the
         // broker's delayed ACK (~40 ms on Linux).
         network.set_tcp_nodelay(true);
+        // rumqttc bounds the CONNACK wait *and every flush* by this (5 s by default): a
+        // broker that stops reading for longer (rumqttd's warm-up at 10,000 traps) would
+        // otherwise cut every busy connection (`NetworkTimeout`).
+        network.set_connection_timeout(options.timeout.as_secs().max(1));
         eventloop.set_network_options(network);
-        expect(&mut eventloop, |p| matches!(p, Packet::ConnAck(_)), "connect").await?;
+        let timeout = options.timeout;
+        expect(&mut eventloop, |p| matches!(p, Packet::ConnAck(_)), "connect", timeout).await?;
         if let Some(filter) = options.subscribe {
             client
                 .try_subscribe(filter, QoS::AtLeastOnce)
                 .map_err(|e| format!("subscribe: {e}"))?;
-            expect(&mut eventloop, |p| matches!(p, Packet::SubAck(_)), "subscribe").await?;
+            expect(&mut eventloop, |p| matches!(p, Packet::SubAck(_)), "subscribe", timeout).await?;
         }
         Ok(Self { client, eventloop })
     }
@@ -100,7 +108,12 @@ impl Link {
 }
 
 /// Polls until a packet `wanted` accepts arrives.
-async fn expect(eventloop: &mut EventLoop, wanted: fn(&Packet) -> bool, what: &str) -> Result<(), String> {
+async fn expect(
+    eventloop: &mut EventLoop,
+    wanted: fn(&Packet) -> bool,
+    what: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let wait = async {
         loop {
             match eventloop.poll().await {
@@ -110,7 +123,7 @@ async fn expect(eventloop: &mut EventLoop, wanted: fn(&Packet) -> bool, what: &s
             }
         }
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, wait)
+    tokio::time::timeout(timeout, wait)
         .await
-        .map_err(|_| format!("{what}: no answer within {} s", CONNECT_TIMEOUT.as_secs()))?
+        .map_err(|_| format!("{what}: no answer within {} s", timeout.as_secs()))?
 }

@@ -374,6 +374,9 @@ pub struct NetworkConfig {
     pub connects_at_once: usize,
     /// MQTT keep-alive, seconds.
     pub keep_alive_s: u16,
+    /// Longest wait for a CONNACK, then for the SUBACK, seconds; a trap that gets
+    /// no answer in time drops the attempt and backs off.
+    pub connect_timeout_s: u16,
     /// After the virtual end, how long traps may take to flush, seconds.
     pub drain_timeout_s: u32,
 }
@@ -386,6 +389,7 @@ impl Default for NetworkConfig {
             backoff_max_ms: 5_000,
             connects_at_once: 64,
             keep_alive_s: 60,
+            connect_timeout_s: 15,
             drain_timeout_s: 120,
         }
     }
@@ -627,6 +631,9 @@ impl Scenario {
         }
         if network.keep_alive_s < 5 {
             return Err(bad("network.keep_alive_s", "must be at least 5".into()));
+        }
+        if !(1..=3_600).contains(&network.connect_timeout_s) {
+            return Err(bad("network.connect_timeout_s", "must be within 1..=3600".into()));
         }
         if !(1..=86_400).contains(&network.drain_timeout_s) {
             return Err(bad("network.drain_timeout_s", "must be within 1..=86400".into()));

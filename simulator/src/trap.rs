@@ -218,6 +218,9 @@ pub struct Trap {
     /// Sleepy traps: connected for a check-in.
     awake: bool,
     hello_sent: bool,
+    /// rumqttc's request queue refused the last publish: the broker is not reading
+    /// (a full queue is backpressure, not a lost connection).
+    queue_full: bool,
     health_pending: bool,
     answers: VecDeque<Uplink>,
     next_trigger: Option<(u64, Cause)>,
@@ -295,6 +298,7 @@ impl Trap {
             last_progress: Instant::now(),
             awake: false,
             hello_sent: false,
+            queue_full: false,
             health_pending: true,
             answers: VecDeque::new(),
             next_trigger: None,
@@ -417,7 +421,9 @@ impl Trap {
                 self.connect().await;
             }
         }
-        if self.link.is_some() && !self.pump() {
+        // A full request queue keeps the link: what was not queued goes out on a later
+        // turn (or after the ack timeout's rewind); a dead link shows as a poll error.
+        if self.link.is_some() && !self.pump() && !self.queue_full {
             self.drop_link(true);
         }
         if self.link.is_some() && self.idle() && (ended || self.plan.sleepy) {
@@ -708,6 +714,7 @@ impl Trap {
             keep_alive: Duration::from_secs(world.scenario.network.keep_alive_s.into()),
             inflight: u16::try_from(world.scenario.fleet.inflight_max).unwrap_or(64) + 4,
             subscribe: matches!(world.mode, Mode::Fleet).then_some(filter.as_str()),
+            timeout: Duration::from_secs(world.scenario.network.connect_timeout_s.into()),
         };
         match Link::connect(options).await {
             Ok(link) => {
@@ -761,6 +768,7 @@ impl Trap {
     /// Publishes what is due: hello, health, answers, then the queue's window.
     /// `false` if the connection refused a publish.
     fn pump(&mut self) -> bool {
+        self.queue_full = false;
         if !self.hello_sent {
             let hello = self.hello();
             if !self.send(&Uplink::Hello(hello), 0) {
@@ -780,6 +788,7 @@ impl Trap {
         }
         while let Some(answer) = self.answers.pop_front() {
             if !self.send(&answer, 0) {
+                self.answers.push_front(answer);
                 return false;
             }
             Counters::add(&self.world.counters.downlink_answers, 1);
@@ -849,6 +858,7 @@ impl Trap {
         };
         let topic = topic::device_topic(&self.state.device_id, Direction::Up, suffix);
         if link.publish(topic.as_str(), frame).is_err() {
+            self.queue_full = true;
             return false;
         }
         if matches!(self.world.mode, Mode::Plain { .. }) {
