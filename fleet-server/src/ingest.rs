@@ -405,7 +405,9 @@ impl Committer {
 async fn run_catch_ups(downlink: Downlink, mut queued: mpsc::Receiver<(DeviceId, u32)>) {
     let slots = Arc::new(Semaphore::new(CATCH_UPS_MAX));
     while let Some((device, config_version)) = queued.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let downlink = downlink.clone();
         tokio::spawn(async move {
             if let Err(error) = downlink.catch_up(&device, config_version).await {
