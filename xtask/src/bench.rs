@@ -212,7 +212,7 @@ fn bench_fleet(args: &Args, server: &Path, generator: &Path, work: &Path) -> Res
             .arg("--data-dir")
             .arg(&data_dir),
     )?;
-    let (mqtt, mqtt_v5, http) = (free_port()?, free_port()?, free_port()?);
+    let [mqtt, mqtt_v5, http] = free_ports()?;
     let log_path = work.join("server.log");
     let log = std::fs::File::create(&log_path).context("server log")?;
     let mut command = Command::new(server);
@@ -247,7 +247,7 @@ fn bench_fleet(args: &Args, server: &Path, generator: &Path, work: &Path) -> Res
 
 fn bench_mosquitto(args: &Args, generator: &Path, work: &Path) -> Result<()> {
     let mosquitto = find_or_install_mosquitto()?;
-    let port = free_port()?;
+    let [port] = free_ports()?;
     let config = work.join("mosquitto.conf");
     let log_path = work.join("mosquitto.log");
     std::fs::write(&config, mosquitto_config(port)).context("writing the Mosquitto configuration")?;
@@ -339,9 +339,19 @@ fn run_generator(
 }
 
 /// A free loopback port: bound on port 0, read, released.
-fn free_port() -> Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok(listener.local_addr()?)
+/// `N` distinct free loopback ports: each listener is held until all are bound, so
+/// the kernel cannot hand the same port out twice.
+fn free_ports<const N: usize>() -> Result<[SocketAddr; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("binding a free port"))
+        .collect::<Result<Vec<_>>>()?;
+    let addrs = listeners
+        .iter()
+        .map(|listener| listener.local_addr().context("reading a bound port"))
+        .collect::<Result<Vec<_>>>()?;
+    addrs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("bound {N} ports but read back a different count"))
 }
 
 fn wait_accepting(child: &mut Guarded, addr: SocketAddr) -> Result<()> {
