@@ -23,14 +23,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use common::Mqtt;
+use common::{Mqtt, stored_seqs};
 use rumqttc::QoS;
 use tokio::time::{Instant, sleep, timeout};
+use wildcam_fleet_server::store::Clock as _;
 use wildcam_fleet_server::store::{
-    ClaimStore as _, DetectionQuery, DeviceStore as _, PageRequest, SqliteConfig, SqliteStore, Store as _,
-    SystemClock, TelemetryStore as _, generate_claim_token,
+    ClaimStore as _, DeviceStore as _, SqliteConfig, SqliteStore, Store as _, SystemClock,
+    generate_claim_token,
 };
-use wildcam_fleet_server::store::{Clock as _, PAGE_LIMIT_MAX};
 use wildcam_sdk::DeviceId;
 use wildcam_sdk::protocol::{
     Ack, Capabilities, Chip, Classification, Detection, Downlink, FirmwareVersion, Hello, MessageKind,
@@ -409,22 +409,6 @@ async fn metric(http: SocketAddr, sample: &str) -> u64 {
 }
 
 /// Every stored sequence of `device`, in order, read page by page.
-async fn stored_seqs(store: &SqliteStore, device: &DeviceId) -> Vec<u32> {
-    let mut seqs = Vec::new();
-    let mut page = PageRequest::first(PAGE_LIMIT_MAX);
-    for _ in 0..=(DETECTIONS / PAGE_LIMIT_MAX + 1) {
-        let query = DetectionQuery { device_id: Some(device.clone()), page, ..Default::default() };
-        let found = store.query_detections(query).await.expect("query");
-        seqs.extend(found.items.iter().map(|d| d.detection.seq));
-        match found.next {
-            Some(cursor) => page = PageRequest::after(PAGE_LIMIT_MAX, cursor),
-            None => break,
-        }
-    }
-    seqs.sort_unstable();
-    seqs
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_ingest_loses_nothing_acked_and_stores_everything_once() {
     let started = std::time::Instant::now();

@@ -337,3 +337,22 @@ pub fn detection(seq: u32) -> Uplink {
         battery_mv: 3_900,
     })
 }
+
+/// Every sequence stored for `device`, sorted, read page by page.
+pub async fn stored_seqs(store: &dyn wildcam_fleet_server::store::Store, device: &DeviceId) -> Vec<u32> {
+    use wildcam_fleet_server::store::{DetectionQuery, PAGE_LIMIT_MAX, PageRequest};
+    let mut query = DetectionQuery {
+        device_id: Some(device.clone()),
+        page: PageRequest::first(PAGE_LIMIT_MAX),
+        ..Default::default()
+    };
+    let mut seqs = Vec::new();
+    loop {
+        let page = store.query_detections(query.clone()).await.expect("query");
+        seqs.extend(page.items.iter().map(|d| d.detection.seq));
+        let Some(next) = page.next else { break };
+        query.page = PageRequest::after(PAGE_LIMIT_MAX, next);
+    }
+    seqs.sort_unstable();
+    seqs
+}
