@@ -126,10 +126,25 @@ pub struct Pacer {
     pub factor_min: f64,
     /// Highest factor.
     pub factor_max: f64,
+    /// Acknowledgements seen at the previous adjustment, and when they last grew.
+    acks: Mutex<AckWatch>,
+}
+
+/// What the pacer remembers of the acknowledgements between adjustments.
+#[derive(Debug, Clone, Copy)]
+struct AckWatch {
+    acked: u64,
+    progressed_at: Option<Instant>,
 }
 
 /// How often the pacer adjusts the clock.
 pub const PACER_PERIOD: Duration = Duration::from_millis(20);
+
+/// With detections waiting and no acknowledgement for this long, the pacer
+/// halves the factor at every adjustment until acknowledgements resume: a server that stalls (a broker
+/// warming up, a restart) must not see the day race on and the traps' queues
+/// overflow behind it.
+pub const PACER_STALL: Duration = Duration::from_millis(250);
 
 impl Pacer {
     /// A pacer aiming at `target_per_trap` queued detections per online trap.
@@ -140,17 +155,40 @@ impl Pacer {
             target_per_trap,
             factor_min,
             factor_max,
+            acks: Mutex::new(AckWatch { acked: 0, progressed_at: None }),
         }
     }
 
-    /// One adjustment: multiplies the factor by at most 1.25 or at least 0.5.
-    pub fn adjust(&self, clock: &VirtualClock) {
+    /// One adjustment, given the detections acknowledged so far: multiplies
+    /// the factor by at most 1.25 or at least 0.5. The clock only speeds up
+    /// while acknowledgements flow (or nothing waits), and holds at the lowest
+    /// factor after [`PACER_STALL`] without one while detections wait.
+    pub fn adjust(&self, clock: &VirtualClock, acked: u64) {
+        self.adjust_at(clock, acked, Instant::now());
+    }
+
+    fn adjust_at(&self, clock: &VirtualClock, acked: u64, now: Instant) {
         let backlog = self.backlog.load(Ordering::Relaxed).max(0) as f64;
         let online = self.online.load(Ordering::Relaxed).max(1) as f64;
         let target = (online * self.target_per_trap).max(1.0);
-        let ratio = (target / backlog.max(1.0)).sqrt().clamp(0.5, 1.25);
+        let mut watch = self.acks.lock().unwrap_or_else(|e| e.into_inner());
+        let progressed = acked > watch.acked;
+        if progressed || backlog == 0.0 || watch.progressed_at.is_none() {
+            watch.progressed_at = Some(now);
+        }
+        watch.acked = acked;
+        let stalled = watch
+            .progressed_at
+            .is_some_and(|at| now.saturating_duration_since(at) >= PACER_STALL);
+        drop(watch);
+        let mut ratio = (target / backlog.max(1.0)).sqrt().clamp(0.5, 1.25);
+        if stalled {
+            ratio = 0.5;
+        } else if !progressed && backlog > 0.0 {
+            ratio = ratio.min(1.0);
+        }
         let factor = (clock.factor() * ratio).clamp(self.factor_min, self.factor_max);
-        clock.set_factor(factor);
+        clock.set_factor_at(factor, now);
     }
 }
 
@@ -178,10 +216,47 @@ mod tests {
         let pacer = Pacer::new(4.0, 1.0, 1e6);
         pacer.online.store(10, Ordering::Relaxed);
         pacer.backlog.store(1_000, Ordering::Relaxed);
-        pacer.adjust(&clock);
+        pacer.adjust(&clock, 0);
         assert_eq!(clock.factor(), 500.0);
         pacer.backlog.store(0, Ordering::Relaxed);
-        pacer.adjust(&clock);
+        pacer.adjust(&clock, 0);
         assert_eq!(clock.factor(), 625.0);
+    }
+
+    #[test]
+    fn the_pacer_speeds_up_only_while_acks_flow_and_holds_the_clock_on_a_stall() {
+        let clock = VirtualClock::new(0, 1_000.0);
+        let t0 = Instant::now();
+        clock.start_at(t0);
+        let ms = |n| t0 + Duration::from_millis(n);
+        let pacer = Pacer::new(4.0, 1.0, 1e6);
+        pacer.online.store(10, Ordering::Relaxed);
+        // A small backlog but no acknowledgement yet: no speed-up.
+        pacer.backlog.store(10, Ordering::Relaxed);
+        pacer.adjust_at(&clock, 0, ms(20));
+        assert_eq!(clock.factor(), 1_000.0);
+        // Acks flow: speeds up.
+        pacer.adjust_at(&clock, 5, ms(40));
+        assert_eq!(clock.factor(), 1_250.0);
+        // Acks stop while detections wait: held at first, then halved at
+        // every adjustment once the stall lasts, down to the lowest factor.
+        pacer.adjust_at(&clock, 5, ms(60));
+        assert_eq!(clock.factor(), 1_250.0);
+        let stall = ms(40) + PACER_STALL;
+        pacer.adjust_at(&clock, 5, stall);
+        assert_eq!(clock.factor(), 625.0);
+        let mut at = stall;
+        for _ in 0..20 {
+            at += PACER_PERIOD;
+            pacer.adjust_at(&clock, 5, at);
+        }
+        assert_eq!(clock.factor(), 1.0);
+        let held_at = clock.now_ms_at(at);
+        pacer.adjust_at(&clock, 5, ms(5_000));
+        assert_eq!(clock.factor(), 1.0);
+        assert!(clock.now_ms_at(ms(5_000)) - held_at < 5_000, "the virtual clock crawls in real time");
+        // Acks again: it climbs back.
+        pacer.adjust_at(&clock, 6, ms(5_020));
+        assert_eq!(clock.factor(), 1.25);
     }
 }

@@ -307,7 +307,7 @@ async fn pace(world: Arc<World>) {
     let mut announced = world.clock.factor();
     loop {
         tick.tick().await;
-        pacer.adjust(&world.clock);
+        pacer.adjust(&world.clock, world.counters.acked.load(Ordering::Relaxed));
         let factor = world.clock.factor();
         if factor > 2.0 * announced {
             // Deadlines computed at a much lower factor are far too late.

@@ -218,6 +218,8 @@ pub struct Trap {
     /// Sleepy traps: connected for a check-in.
     awake: bool,
     hello_sent: bool,
+    /// The queue floor the last hello announced.
+    hello_floor: u32,
     /// rumqttc's request queue refused the last publish: the broker is not reading
     /// (a full queue is backpressure, not a lost connection).
     queue_full: bool,
@@ -298,6 +300,7 @@ impl Trap {
             last_progress: Instant::now(),
             awake: false,
             hello_sent: false,
+            hello_floor: 0,
             queue_full: false,
             health_pending: true,
             answers: VecDeque::new(),
@@ -771,11 +774,12 @@ impl Trap {
         self.queue_full = false;
         if !self.hello_sent {
             let hello = self.hello();
-            if !self.send(&Uplink::Hello(hello), 0) {
+            if !self.send(&Uplink::Hello(hello.clone()), 0) {
                 return false;
             }
             Counters::add(&self.world.counters.hellos, 1);
             self.hello_sent = true;
+            self.hello_floor = hello.queue_floor;
         }
         if self.health_pending {
             let health = self.health();
@@ -950,6 +954,12 @@ impl Trap {
         let ack_timeout = Duration::from_millis(self.world.scenario.network.ack_timeout_ms.into());
         if self.link.is_some() && self.queue.inflight() > 0 && self.last_progress.elapsed() >= ack_timeout {
             Counters::add(&self.world.counters.ack_timeouts, 1);
+            // A full queue dropped records since the last hello: the server
+            // holds its contiguous ack at the gap until it hears the new
+            // floor, so say hello again (as firmware does).
+            if self.queue.stats().floor > self.hello_floor {
+                self.hello_sent = false;
+            }
             self.queue.rewind();
             self.awaiting_pkid.clear();
             self.last_progress = Instant::now();

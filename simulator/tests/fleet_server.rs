@@ -25,7 +25,7 @@ use wildcam_simulator::{Options, Scenario, Simulation, Target};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest the whole simulation may take.
 const RUN_TIMEOUT: Duration = Duration::from_secs(150);
-/// How long the server stays down.
+/// How long the server stays down at the restart.
 const DOWNTIME: Duration = Duration::from_millis(700);
 
 /// Loopback ports chosen once and reused across the restart.
@@ -159,36 +159,73 @@ fn admin_token(binary: &Path, data_dir: &Path) -> String {
         .to_owned()
 }
 
+/// A server in a child process on free ports with a fresh data directory,
+/// and the simulator options to run `scenario` against it.
+struct Harness {
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    ports: Ports,
+    server: ServerProcess,
+    token: String,
+}
+
+impl Harness {
+    async fn start() -> Self {
+        let binary = fleet_binary();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        let ports = Ports::free();
+        let token = admin_token(&binary, &data_dir);
+        let server = ServerProcess::start(&binary, &data_dir, ports, &dir.path().join("server.log")).await;
+        Self { binary, dir, ports, server, token }
+    }
+
+    fn options(&self, scenario: Scenario) -> Options {
+        Options {
+            scenario,
+            target: Target::Fleet {
+                mqtt: self.ports.mqtt(),
+                http: self.ports.http(),
+                api_token: self.token.clone(),
+                provision_password: "wildcam-provisioning".into(),
+                claim_tokens: Vec::new(),
+                claims_per_token: 200,
+            },
+            state_dir: Some(self.dir.path().join("state")),
+            progress: false,
+            timeout: RUN_TIMEOUT,
+        }
+    }
+
+    async fn restart(&mut self) {
+        self.server.kill();
+        sleep(DOWNTIME).await;
+        let data_dir = self.dir.path().join("data");
+        let log = self.dir.path().join("server.log");
+        self.server = ServerProcess::start(&self.binary, &data_dir, self.ports, &log).await;
+    }
+
+    /// SIGSTOP or SIGCONT to the server: a server that stops answering
+    /// without closing a connection.
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.server.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_day_through_a_server_restart_loses_and_duplicates_nothing() {
     let started = std::time::Instant::now();
-    let binary = fleet_binary();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data_dir = dir.path().join("data");
-    std::fs::create_dir_all(&data_dir).expect("data dir");
-    let log = dir.path().join("server.log");
-    let ports = Ports::free();
-    let token = admin_token(&binary, &data_dir);
-    let mut server = ServerProcess::start(&binary, &data_dir, ports, &log).await;
-
+    let mut harness = Harness::start().await;
     let scenario_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/ci-restart.toml");
     let scenario = Scenario::load(&scenario_path).expect("the CI scenario is valid");
     let expected = scenario.expected_detections();
-    let options = Options {
-        scenario,
-        target: Target::Fleet {
-            mqtt: ports.mqtt(),
-            http: ports.http(),
-            api_token: token,
-            provision_password: "wildcam-provisioning".into(),
-            claim_tokens: Vec::new(),
-            claims_per_token: 200,
-        },
-        state_dir: Some(dir.path().join("state")),
-        progress: false,
-        timeout: RUN_TIMEOUT,
-    };
-    let simulation = Simulation::prepare(options)
+    let simulation = Simulation::prepare(harness.options(scenario))
         .await
         .expect("fleet provisioned");
     let world = simulation.world();
@@ -202,9 +239,7 @@ async fn a_fleet_day_through_a_server_restart_loses_and_duplicates_nothing() {
         sleep(Duration::from_millis(5)).await;
     }
     let acked_at_kill = world.counters.acked.load(Ordering::Relaxed);
-    server.kill();
-    sleep(DOWNTIME).await;
-    let server = ServerProcess::start(&binary, &data_dir, ports, &log).await;
+    harness.restart().await;
 
     let report = tokio::time::timeout(RUN_TIMEOUT, run)
         .await
@@ -220,7 +255,7 @@ async fn a_fleet_day_through_a_server_restart_loses_and_duplicates_nothing() {
     assert!(report.detections.generated as f64 > expected * 0.8, "about 20,000 detections generated");
     assert!(acked_at_kill < report.detections.generated, "the restart came before the end");
     assert!(report.connections.lost > 0, "the restart cut connections");
-    assert_eq!(check.lost, 0, "lost detections; server log:\n{}", server.log_text());
+    assert_eq!(check.lost, 0, "lost detections; server log:\n{}", harness.server.log_text());
     assert_eq!(check.duplicates, 0, "duplicated detections");
     assert_eq!(check.unknown, 0, "stored detections never generated");
     assert_eq!(check.mismatched, 0, "altered detections");
@@ -229,3 +264,82 @@ async fn a_fleet_day_through_a_server_restart_loses_and_duplicates_nothing() {
     assert!(report.ok);
     eprintln!("simulator restart test took {:.1?}", started.elapsed());
 }
+
+/// A server that stops answering (SIGSTOP) while the day runs on at a fixed
+/// compression: small queues overflow and drop their oldest records, some
+/// never sent. The traps must tell the server their new floor (a hello after
+/// an ack timeout) or its contiguous ack stays at the gap and they never
+/// drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traps_whose_queues_overflowed_during_a_stall_still_drain() {
+    let harness = Harness::start().await;
+    let scenario = Scenario::parse(STALL_SCENARIO, "stall test").expect("the stall scenario is valid");
+    let simulation = Simulation::prepare(harness.options(scenario))
+        .await
+        .expect("fleet provisioned");
+    let world = simulation.world();
+    let run = tokio::spawn(simulation.run());
+
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while world.counters.acked.load(Ordering::Relaxed) < 200 {
+        assert!(Instant::now() < deadline, "nothing acknowledged");
+        sleep(Duration::from_millis(5)).await;
+    }
+    harness.signal("STOP");
+    sleep(STALL).await;
+    harness.signal("CONT");
+
+    let report = tokio::time::timeout(RUN_TIMEOUT, run)
+        .await
+        .expect("the run ends in time")
+        .expect("the run task")
+        .expect("the run completes");
+    eprintln!("{}", report.to_table());
+    let check = report
+        .detections
+        .check
+        .as_ref()
+        .expect("checked against the server");
+    assert!(report.detections.dropped_by_full_queue > 0, "the stall overflowed queues");
+    assert_eq!(check.lost, 0, "lost detections; server log:\n{}", harness.server.log_text());
+    assert_eq!(check.duplicates, 0, "duplicated detections");
+    assert_eq!(check.unknown, 0, "stored detections never generated");
+    assert_eq!(check.mismatched, 0, "altered detections");
+    assert!(report.ok);
+    assert_eq!(world.counters.connected_now.load(Ordering::Relaxed), 0, "every trap drained and left");
+}
+
+/// How long the server is stopped in the stall test.
+const STALL: Duration = Duration::from_secs(4);
+
+/// 40 traps, ~16,000 detections over a day compressed into ~9 s, queues of 64.
+const STALL_SCENARIO: &str = r#"
+name = "stall"
+seed = 7
+
+[fleet]
+traps = 40
+sleepy_fraction = 0.0
+queue_capacity = 64
+inflight_max = 4
+
+[time]
+duration_h = 24.0
+compression = 10000.0
+
+[activity]
+triggers_per_trap_per_day = 200.0
+burst_len = 2
+
+[faults]
+drop_rate_per_day = 0.0
+flaky_fraction = 0.0
+reboot_rate_per_day = 0.0
+clock_skew_fraction = 0.0
+
+[network]
+ack_timeout_ms = 1000
+backoff_initial_ms = 100
+backoff_max_ms = 1000
+drain_timeout_s = 30
+"#;
