@@ -85,25 +85,25 @@ pub struct Args {
 }
 
 /// A child process killed (SIGKILL) and reaped on drop.
-struct Guarded {
+pub(crate) struct Guarded {
     child: Child,
     name: &'static str,
 }
 
 impl Guarded {
-    fn spawn(command: &mut Command, name: &'static str) -> Result<Self> {
+    pub(crate) fn spawn(command: &mut Command, name: &'static str) -> Result<Self> {
         let child = command
             .spawn()
             .with_context(|| format!("could not start `{}`", process::display(command)))?;
         Ok(Self { child, name })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Fails if the process has already exited.
-    fn check_running(&mut self) -> Result<()> {
+    pub(crate) fn check_running(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!("{} exited early ({status})", self.name);
         }
@@ -111,7 +111,7 @@ impl Guarded {
     }
 
     /// SIGTERM (a clean shutdown), then SIGKILL if it has not exited in time.
-    fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         let pid = self.pid().to_string();
         if process::succeeds(Command::new("kill").args(["-TERM", &pid])) {
             let deadline = Instant::now() + STOP_TIMEOUT;
@@ -138,14 +138,15 @@ impl Drop for Guarded {
 }
 
 /// A directory removed on drop unless kept.
-struct WorkDir {
-    path: PathBuf,
+pub(crate) struct WorkDir {
+    pub(crate) path: PathBuf,
     keep: bool,
 }
 
 impl WorkDir {
-    fn create(keep: bool) -> Result<Self> {
-        let path = std::env::temp_dir().join(format!("wildcam-bench-ingest-{}", std::process::id()));
+    /// `$TMPDIR/{prefix}-{pid}`, emptied first.
+    pub(crate) fn create(prefix: &str, keep: bool) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
         if path.exists() {
             std::fs::remove_dir_all(&path).with_context(|| format!("removing stale {}", path.display()))?;
         }
@@ -166,20 +167,35 @@ impl Drop for WorkDir {
 
 /// Runs the benchmark.
 pub fn run(args: &Args) -> Result<()> {
-    for setting in &args.server_env {
-        if !setting.starts_with("WILDCAM__") || !setting.contains('=') {
-            bail!("--server-env takes WILDCAM__...=value, not {setting:?}");
-        }
-    }
+    check_server_env(&args.server_env)?;
     let root = crate::repository_root();
     build(&root)?;
     let release = target_dir(&root).join("release");
     let generator = release.join("examples").join("ingest_bench");
-    let work = WorkDir::create(args.keep)?;
+    let work = WorkDir::create("wildcam-bench-ingest", args.keep)?;
     print_machine();
     match args.broker {
         Broker::Fleet => bench_fleet(args, &release.join("wildcam-fleet"), &generator, &work.path),
         Broker::Mosquitto => bench_mosquitto(args, &generator, &work.path),
+    }
+}
+
+/// Refuses `--server-env` values that are not `WILDCAM__...=value`.
+pub(crate) fn check_server_env(settings: &[String]) -> Result<()> {
+    for setting in settings {
+        if !setting.starts_with("WILDCAM__") || !setting.contains('=') {
+            bail!("--server-env takes WILDCAM__...=value, not {setting:?}");
+        }
+    }
+    Ok(())
+}
+
+/// Sets checked `--server-env` values on the server's command.
+pub(crate) fn apply_server_env(command: &mut Command, settings: &[String]) {
+    for setting in settings {
+        if let Some((name, value)) = setting.split_once('=') {
+            command.env(name, value);
+        }
     }
 }
 
@@ -199,7 +215,7 @@ fn build(root: &Path) -> Result<()> {
 }
 
 /// Cargo's target directory (`CARGO_TARGET_DIR` or `target/`).
-fn target_dir(root: &Path) -> PathBuf {
+pub(crate) fn target_dir(root: &Path) -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from)
 }
 
@@ -223,11 +239,7 @@ fn bench_fleet(args: &Args, server: &Path, generator: &Path, work: &Path) -> Res
         .env("WILDCAM__MQTT__LISTEN_V5", mqtt_v5.to_string())
         .env("WILDCAM__HTTP__LISTEN", http.to_string())
         .env("WILDCAM__LOG__FILTER", "warn");
-    for setting in &args.server_env {
-        if let Some((name, value)) = setting.split_once('=') {
-            command.env(name, value);
-        }
-    }
+    apply_server_env(&mut command, &args.server_env);
     command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -338,10 +350,9 @@ fn run_generator(
     process::run(&mut command)
 }
 
-/// A free loopback port: bound on port 0, read, released.
 /// `N` distinct free loopback ports: each listener is held until all are bound, so
 /// the kernel cannot hand the same port out twice.
-fn free_ports<const N: usize>() -> Result<[SocketAddr; N]> {
+pub(crate) fn free_ports<const N: usize>() -> Result<[SocketAddr; N]> {
     let listeners = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0").context("binding a free port"))
         .collect::<Result<Vec<_>>>()?;
@@ -354,7 +365,7 @@ fn free_ports<const N: usize>() -> Result<[SocketAddr; N]> {
         .map_err(|_| anyhow::anyhow!("bound {N} ports but read back a different count"))
 }
 
-fn wait_accepting(child: &mut Guarded, addr: SocketAddr) -> Result<()> {
+pub(crate) fn wait_accepting(child: &mut Guarded, addr: SocketAddr) -> Result<()> {
     let started = Instant::now();
     loop {
         child.check_running()?;
@@ -369,7 +380,7 @@ fn wait_accepting(child: &mut Guarded, addr: SocketAddr) -> Result<()> {
 }
 
 /// The broker's log: its last lines on failure, else only its size.
-fn report_log(path: &Path, failed: bool) {
+pub(crate) fn report_log(path: &Path, failed: bool) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     if failed {
         let lines: Vec<&str> = text.lines().collect();
@@ -381,7 +392,7 @@ fn report_log(path: &Path, failed: bool) {
 }
 
 /// The machine and how busy it is, for the record.
-fn print_machine() {
+pub(crate) fn print_machine() {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let model = cpuinfo
         .lines()

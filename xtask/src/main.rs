@@ -15,6 +15,7 @@
 //! a variant to [`Verb`], and one arm to [`run`].
 
 mod bench;
+mod bench_sim;
 mod boundary;
 mod ci;
 mod firmware;
@@ -58,6 +59,9 @@ enum Verb {
     /// Benchmark sustained durable ingest from many MQTT clients (or the same load
     /// through Mosquitto) and print throughput, latency, CPU and memory.
     BenchIngest(bench::Args),
+    /// Run a simulator scenario (default: the 1M-detection day) against the
+    /// release fleet server and print the report and the server's peak memory.
+    BenchSim(bench_sim::Args),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +83,7 @@ fn run(verb: Verb) -> anyhow::Result<()> {
         Verb::Sign(args) => sign::run(&args),
         Verb::VerifyManifest(args) => sign::run_verify(&args),
         Verb::BenchIngest(args) => bench::run(&args),
+        Verb::BenchSim(args) => bench_sim::run(&args),
         Verb::Firmware(args) => firmware::run(&args),
         Verb::Flash(args) => flash::run(&args),
     }
