@@ -119,7 +119,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(report) = &args.report {
         sim.arg("--report").arg(report);
     }
-    eprintln!("xtask: {}", process::display(&sim));
+    eprintln!("xtask: {}", process::display(&sim).replace(token.trim(), "…"));
     let result = process::run(&mut sim)
         .context("the simulation failed or its check found lost, duplicated or altered detections")
         .and_then(|()| {
