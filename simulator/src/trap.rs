@@ -218,8 +218,8 @@ pub struct Trap {
     /// Sleepy traps: connected for a check-in.
     awake: bool,
     hello_sent: bool,
-    /// The queue floor the last hello announced.
-    hello_floor: u32,
+    /// The highest ack received (the server's contiguous stored sequence).
+    acked_through: u32,
     /// rumqttc's request queue refused the last publish: the broker is not reading
     /// (a full queue is backpressure, not a lost connection).
     queue_full: bool,
@@ -300,7 +300,7 @@ impl Trap {
             last_progress: Instant::now(),
             awake: false,
             hello_sent: false,
-            hello_floor: 0,
+            acked_through: 0,
             queue_full: false,
             health_pending: true,
             answers: VecDeque::new(),
@@ -774,12 +774,11 @@ impl Trap {
         self.queue_full = false;
         if !self.hello_sent {
             let hello = self.hello();
-            if !self.send(&Uplink::Hello(hello.clone()), 0) {
+            if !self.send(&Uplink::Hello(hello), 0) {
                 return false;
             }
             Counters::add(&self.world.counters.hellos, 1);
             self.hello_sent = true;
-            self.hello_floor = hello.queue_floor;
         }
         if self.health_pending {
             let health = self.health();
@@ -929,6 +928,9 @@ impl Trap {
     /// Everything through `through` is stored: release it from the queue.
     fn on_ack(&mut self, through: u32) {
         let counters = &self.world.counters;
+        if through < self.queue.stats().next_seq {
+            self.acked_through = self.acked_through.max(through);
+        }
         match self.queue.ack(through) {
             Ok(outcome) if outcome.released > 0 => {
                 Counters::add(&counters.acked, outcome.released as u64);
@@ -954,10 +956,12 @@ impl Trap {
         let ack_timeout = Duration::from_millis(self.world.scenario.network.ack_timeout_ms.into());
         if self.link.is_some() && self.queue.inflight() > 0 && self.last_progress.elapsed() >= ack_timeout {
             Counters::add(&self.world.counters.ack_timeouts, 1);
-            // A full queue dropped records since the last hello: the server
-            // holds its contiguous ack at the gap until it hears the new
-            // floor, so say hello again (as firmware does).
-            if self.queue.stats().floor > self.hello_floor {
+            // The server's contiguous ack is below the floor: a full queue
+            // dropped records it never got, and it holds the ack at the gap
+            // until it hears the new floor. Say hello again (as firmware
+            // does), also when an earlier hello was lost on the way.
+            let behind = self.queue.stats().floor > self.acked_through.saturating_add(1);
+            if behind && matches!(self.world.mode, Mode::Fleet) {
                 self.hello_sent = false;
             }
             self.queue.rewind();
