@@ -266,11 +266,36 @@ impl OtaConfig {
     fn validate(&self) -> Result<(), String> {
         self.signing_public_keys()?;
         let checks: [(&str, u64, u64, u64); 5] = [
-            ("max_image_bytes", self.max_image_bytes.into(), (*IMAGE_BYTES_RANGE.start()).into(), (*IMAGE_BYTES_RANGE.end()).into()),
-            ("chunk_len", self.chunk_len.into(), (*CHUNK_LEN_RANGE.start()).into(), (*CHUNK_LEN_RANGE.end()).into()),
-            ("max_in_flight", self.max_in_flight.into(), (*MAX_IN_FLIGHT_RANGE.start()).into(), (*MAX_IN_FLIGHT_RANGE.end()).into()),
-            ("failure_threshold", self.failure_threshold.into(), (*FAILURE_THRESHOLD_RANGE.start()).into(), (*FAILURE_THRESHOLD_RANGE.end()).into()),
-            ("stall_timeout_s", self.stall_timeout_s.into(), (*STALL_TIMEOUT_S_RANGE.start()).into(), (*STALL_TIMEOUT_S_RANGE.end()).into()),
+            (
+                "max_image_bytes",
+                self.max_image_bytes.into(),
+                (*IMAGE_BYTES_RANGE.start()).into(),
+                (*IMAGE_BYTES_RANGE.end()).into(),
+            ),
+            (
+                "chunk_len",
+                self.chunk_len.into(),
+                (*CHUNK_LEN_RANGE.start()).into(),
+                (*CHUNK_LEN_RANGE.end()).into(),
+            ),
+            (
+                "max_in_flight",
+                self.max_in_flight.into(),
+                (*MAX_IN_FLIGHT_RANGE.start()).into(),
+                (*MAX_IN_FLIGHT_RANGE.end()).into(),
+            ),
+            (
+                "failure_threshold",
+                self.failure_threshold.into(),
+                (*FAILURE_THRESHOLD_RANGE.start()).into(),
+                (*FAILURE_THRESHOLD_RANGE.end()).into(),
+            ),
+            (
+                "stall_timeout_s",
+                self.stall_timeout_s.into(),
+                (*STALL_TIMEOUT_S_RANGE.start()).into(),
+                (*STALL_TIMEOUT_S_RANGE.end()).into(),
+            ),
         ];
         for (key, value, low, high) in checks {
             if !(low..=high).contains(&value) {
@@ -484,12 +509,19 @@ mod tests {
     fn ota_keys_from_a_list_or_a_variable() {
         let a = "11".repeat(32);
         let b = "22".repeat(32);
-        let config = Config::from_sources(&format!("[ota]\nsigning_keys = [\"{a}\"]\n"), "", vars(&[])).unwrap();
+        let config =
+            Config::from_sources(&format!("[ota]\nsigning_keys = [\"{a}\"]\n"), "", vars(&[])).unwrap();
         assert_eq!(config.ota.signing_public_keys().unwrap(), vec![[0x11; 32]]);
         let both = format!("{a}, {b}");
         let config = Config::from_sources("", "", vars(&[("WILDCAM__OTA__SIGNING_KEYS", &both)])).unwrap();
         assert_eq!(config.ota.signing_public_keys().unwrap(), vec![[0x11; 32], [0x22; 32]]);
-        assert!(Config::default().ota.signing_public_keys().unwrap().is_empty());
+        assert!(
+            Config::default()
+                .ota
+                .signing_public_keys()
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

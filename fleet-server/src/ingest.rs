@@ -35,8 +35,8 @@ use wildcam_sdk::topic::{self, Direction};
 use crate::broker::{BrokerLink, Inbound};
 use crate::config::IngestConfig;
 use crate::downlink::Downlink;
-use crate::ota::Ota;
 use crate::metrics::{Metrics, Rejection};
+use crate::ota::Ota;
 use crate::sessions::{SessionError, Sessions};
 use crate::store::{AckUpdate, BATCH_ITEMS_MAX, Clock, IngestBatch, Received, Store, UplinkWindow};
 

@@ -308,7 +308,10 @@ impl Metrics {
             "wildcam_messages_rejected_total",
             "Messages refused, by reason.",
             "reason",
-            Rejection::ALL.iter().map(|r| r.as_str()).zip(&self.rejected),
+            Rejection::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .zip(&self.rejected),
         );
         self.render_ota(&mut out);
         gauge(
@@ -344,14 +347,20 @@ impl Metrics {
             "wildcam_ota_requests_refused_total",
             "OTA uplinks refused, by reason.",
             "reason",
-            OtaRefusal::ALL.iter().map(|r| r.as_str()).zip(&self.ota_refused),
+            OtaRefusal::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .zip(&self.ota_refused),
         );
         labelled(
             out,
             "wildcam_ota_device_outcomes_total",
             "Update outcomes devices reported (each device and rollout once), by outcome.",
             "outcome",
-            OTA_OUTCOMES.iter().map(|(_, name)| *name).zip(&self.ota_outcomes),
+            OTA_OUTCOMES
+                .iter()
+                .map(|(_, name)| *name)
+                .zip(&self.ota_outcomes),
         );
     }
 
@@ -416,7 +425,10 @@ mod tests {
         let text = metrics.render(None, 0, 0);
         assert!(text.contains("wildcam_ota_bytes_served_total 1024\n"), "{text}");
         assert!(text.contains("wildcam_ota_requests_refused_total{reason=\"offset_invalid\"} 1\n"), "{text}");
-        assert!(text.contains("wildcam_ota_device_outcomes_total{outcome=\"self_test_failed\"} 1\n"), "{text}");
+        assert!(
+            text.contains("wildcam_ota_device_outcomes_total{outcome=\"self_test_failed\"} 1\n"),
+            "{text}"
+        );
         assert_eq!(metrics.rejected(Rejection::Replayed), 2);
         // Not reported yet (or not known for this broker): not rendered as a false 0.
         assert!(

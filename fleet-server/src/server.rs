@@ -113,7 +113,8 @@ impl Server {
         let downlink =
             Downlink::new(sessions.clone(), publisher.clone(), store.clone(), clock.clone(), metrics.clone());
         let link_stats = link.stats_reader();
-        let ota = Ota::start(store.clone(), downlink.clone(), metrics.clone(), ota_settings, &config.data_dir);
+        let ota =
+            Ota::start(store.clone(), downlink.clone(), metrics.clone(), ota_settings, &config.data_dir);
         let state = AppState {
             store: store.clone(),
             metrics: metrics.clone(),

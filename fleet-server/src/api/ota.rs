@@ -249,6 +249,8 @@ pub async fn create_rollout(
         failure_threshold: body.failure_threshold.unwrap_or(settings.failure_threshold),
     };
     let rollout = state.store.create_rollout(new).await?;
+    // Targets of older rollouts may have been superseded.
+    state.ota.forget_grants();
     tracing::info!(rollout = rollout.id, firmware = rollout.firmware.id, "rollout created");
     state.ota.kick(rollout.id).await;
     Ok((StatusCode::CREATED, Json(detail(&state, rollout.id).await?)))
@@ -261,10 +263,7 @@ async fn detail(state: &AppState, id: u32) -> Result<RolloutDetailView, ApiError
         .await?
         .ok_or(crate::store::StoreError::RolloutNotFound(id))?;
     let devices = state.store.rollout_devices(id).await?;
-    Ok(RolloutDetailView {
-        rollout: rollout.into(),
-        devices: devices.into_iter().map(Into::into).collect(),
-    })
+    Ok(RolloutDetailView { rollout: rollout.into(), devices: devices.into_iter().map(Into::into).collect() })
 }
 
 /// `GET /rollouts`: newest first.
@@ -286,6 +285,7 @@ pub async fn get_rollout(
 
 async fn change(state: &AppState, id: u32, action: RolloutAction) -> Result<Json<RolloutView>, ApiError> {
     let rollout = state.store.change_rollout(id, action).await?;
+    state.ota.forget_grants();
     tracing::info!(rollout = id, ?action, "rollout changed");
     if action == RolloutAction::Resume {
         state.ota.kick(id).await;

@@ -62,16 +62,12 @@ pub enum UploadError {
 /// Decodes the manifest header: standard base64 of the postcard file
 /// `cargo xtask sign` writes, with nothing after the manifest.
 pub fn parse_manifest_header(value: &str) -> Result<SignedManifest, UploadError> {
-    let bytes = super::base64_decode(value.trim()).ok_or_else(|| {
-        UploadError::ManifestInvalid("the manifest header is not standard base64".into())
-    })?;
+    let bytes = super::base64_decode(value.trim())
+        .ok_or_else(|| UploadError::ManifestInvalid("the manifest header is not standard base64".into()))?;
     let (manifest, rest) = postcard::take_from_bytes::<SignedManifest>(&bytes)
         .map_err(|e| UploadError::ManifestInvalid(format!("the manifest does not decode: {e}")))?;
     if !rest.is_empty() {
-        return Err(UploadError::ManifestInvalid(format!(
-            "{} bytes follow the manifest",
-            rest.len()
-        )));
+        return Err(UploadError::ManifestInvalid(format!("{} bytes follow the manifest", rest.len())));
     }
     Ok(manifest)
 }
@@ -135,7 +131,9 @@ impl ImageFiles {
         let target = self.path(sha256);
         let mut nonce = [0u8; 8];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut nonce);
-        let temporary = self.dir.join(format!(".{}.{}.tmp", to_hex(sha256), to_hex(&nonce)));
+        let temporary = self
+            .dir
+            .join(format!(".{}.{}.tmp", to_hex(sha256), to_hex(&nonce)));
         let written = (|| {
             let mut file = std::fs::OpenOptions::new()
                 .write(true)

@@ -11,12 +11,15 @@ use super::ImageFiles;
 /// Images kept in memory.
 pub const CACHED_IMAGES_MAX: usize = 4;
 
+/// An image in memory, by SHA-256.
+type Entry = ([u8; 32], Arc<[u8]>);
+
 /// The LRU.
 #[derive(Debug)]
 pub struct ImageCache {
     files: ImageFiles,
     /// Most recently used first.
-    entries: Mutex<VecDeque<([u8; 32], Arc<[u8]>)>>,
+    entries: Mutex<VecDeque<Entry>>,
     loading: tokio::sync::Mutex<()>,
 }
 

@@ -10,7 +10,8 @@ const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx
 /// The DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE,
 /// AlgorithmIdentifier { id-Ed25519 }, BIT STRING of 33 bytes (no unused bits);
 /// the raw 32-byte key follows.
-const ED25519_SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+const ED25519_SPKI_PREFIX: [u8; 12] =
+    [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
 
 /// Standard base64 of `bytes`, padded.
 pub fn base64_encode(bytes: &[u8]) -> String {
@@ -32,11 +33,8 @@ pub fn base64_encode(bytes: &[u8]) -> String {
 /// Decodes standard padded base64; `None` on any other character, a bad
 /// length or misplaced padding. ASCII whitespace is ignored (PEM lines).
 pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let symbols: Vec<u8> = text
-        .bytes()
-        .filter(|b| !b.is_ascii_whitespace())
-        .collect();
-    if symbols.len() % 4 != 0 {
+    let symbols: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if !symbols.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(symbols.len() / 4 * 3);

@@ -181,6 +181,14 @@ impl Ota {
         self.core.kick(rollout_id).await
     }
 
+    /// Forgets the chunk grants looked up so far: a rollout changed (created,
+    /// paused, resumed, aborted), so chunk serving reads it again.
+    pub fn forget_grants(&self) {
+        if let Ok(mut grants) = self.core.grants.lock() {
+            grants.clear();
+        }
+    }
+
     /// Stores a checked upload: the image file first (durable), then its row.
     /// Returns the record and whether it is new.
     pub async fn store_firmware(
@@ -292,7 +300,12 @@ impl Core {
 
     fn refuse(&self, device: &DeviceId, rollout_id: u32, reason: OtaRefusal) {
         self.metrics.ota_refuse(reason);
-        tracing::debug!(device = device.as_str(), rollout = rollout_id, reason = reason.as_str(), "OTA uplink refused");
+        tracing::debug!(
+            device = device.as_str(),
+            rollout = rollout_id,
+            reason = reason.as_str(),
+            "OTA uplink refused"
+        );
     }
 
     async fn serve_chunk(self: &Arc<Self>, device: &DeviceId, request: OtaChunkRequest) {
@@ -351,13 +364,21 @@ impl Core {
     /// Stores download progress at the first chunk, every [`PROGRESS_STEP`]
     /// bytes and at the last chunk (then the target is verifying, which
     /// frees its slot).
-    async fn note_download(self: &Arc<Self>, device: &DeviceId, rollout_id: u32, offset: u32, end: u32, size: u32) {
+    async fn note_download(
+        self: &Arc<Self>,
+        device: &DeviceId,
+        rollout_id: u32,
+        offset: u32,
+        end: u32,
+        size: u32,
+    ) {
         let last = end == size;
         let crosses = offset == 0 || offset / PROGRESS_STEP != end / PROGRESS_STEP;
         if !last && !crosses {
             return;
         }
-        let (state, at) = if last { (TargetState::Verifying, end) } else { (TargetState::Downloading, offset) };
+        let (state, at) =
+            if last { (TargetState::Verifying, end) } else { (TargetState::Downloading, offset) };
         let from = vec![TargetState::Offered, TargetState::Downloading];
         match self
             .store
@@ -376,7 +397,13 @@ impl Core {
         };
         let recorded = self
             .store
-            .record_ota_progress(progress.rollout_id, device.clone(), REPORTABLE.to_vec(), state, progress.offset)
+            .record_ota_progress(
+                progress.rollout_id,
+                device.clone(),
+                REPORTABLE.to_vec(),
+                state,
+                progress.offset,
+            )
             .await;
         match recorded {
             Ok(true) if matches!(state, TargetState::Ready | TargetState::PendingConfirmation) => {

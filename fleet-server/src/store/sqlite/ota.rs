@@ -83,12 +83,8 @@ fn insert_firmware(
 ) -> Result<(FirmwareRecord, bool), StoreError> {
     let m = &new.manifest.manifest;
     let encoded = encode_manifest(&new.manifest)?;
-    let existing = first(
-        tx,
-        &format!("{FIRMWARE_SELECT} WHERE sha256 = ?1"),
-        [&m.image_sha256[..]],
-        firmware_from_row,
-    )?;
+    let existing =
+        first(tx, &format!("{FIRMWARE_SELECT} WHERE sha256 = ?1"), [&m.image_sha256[..]], firmware_from_row)?;
     if let Some(existing) = existing {
         if existing.manifest == new.manifest {
             return Ok((existing, false));
@@ -115,7 +111,8 @@ fn insert_firmware(
         |row| row.get(0),
     )?;
     let id = u32::try_from(row_id).map_err(|_| StoreError::OtaIdsExhausted)?;
-    let stored = get_firmware(tx, id)?.ok_or_else(|| StoreError::corrupt("firmware vanished after insert"))?;
+    let stored =
+        get_firmware(tx, id)?.ok_or_else(|| StoreError::corrupt("firmware vanished after insert"))?;
     Ok((stored, true))
 }
 
@@ -176,7 +173,9 @@ fn counts(conn: &Connection, rollout_id: u32) -> Result<Vec<(TargetState, u32)>,
 fn get_rollout(conn: &Connection, id: u32) -> Result<Option<RolloutRecord>, StoreError> {
     let mut stmt = conn.prepare_cached(&format!("{ROLLOUT_SELECT} WHERE id = ?1"))?;
     let mut rows = stmt.query([id])?;
-    rows.next()?.map(|row| rollout_from_row(conn, row)).transpose()
+    rows.next()?
+        .map(|row| rollout_from_row(conn, row))
+        .transpose()
 }
 
 fn existing_rollout(conn: &Connection, id: u32) -> Result<RolloutRecord, StoreError> {
@@ -192,7 +191,11 @@ fn check_range(name: &str, value: u32, range: std::ops::RangeInclusive<u32>) -> 
 }
 
 /// The devices a new rollout targets, sorted.
-fn targets(tx: &Connection, new: &NewRollout, firmware: &FirmwareRecord) -> Result<Vec<DeviceId>, StoreError> {
+fn targets(
+    tx: &Connection,
+    new: &NewRollout,
+    firmware: &FirmwareRecord,
+) -> Result<Vec<DeviceId>, StoreError> {
     let chip = enum_text(&firmware.chip)?;
     let mut targets = BTreeSet::new();
     for id in &new.devices {
@@ -413,7 +416,11 @@ fn offer_candidates(
     Ok(out)
 }
 
-fn chunk_grant(conn: &Connection, rollout_id: u32, device: &DeviceId) -> Result<Option<ChunkGrant>, StoreError> {
+fn chunk_grant(
+    conn: &Connection,
+    rollout_id: u32,
+    device: &DeviceId,
+) -> Result<Option<ChunkGrant>, StoreError> {
     let row = conn
         .prepare_cached(
             "SELECT t.state, r.state, f.sha256, f.size FROM rollout_devices t
@@ -625,7 +632,9 @@ impl OtaStore for SqliteStore {
         state: TargetState,
         offset: u32,
     ) -> StoreFuture<'_, bool> {
-        Box::pin(self.write(move |tx, now| record_progress(tx, now, rollout_id, &device, &from, state, offset)))
+        Box::pin(
+            self.write(move |tx, now| record_progress(tx, now, rollout_id, &device, &from, state, offset)),
+        )
     }
 
     fn record_ota_result(&self, device: DeviceId, result: OtaResult) -> StoreFuture<'_, ResultEffect> {
