@@ -936,3 +936,28 @@ async fn chunk_requests_out_of_bounds_or_for_another_rollout_are_refused_and_cou
     assert_eq!(outsider.running, OLD);
     harness.stop().await;
 }
+
+#[tokio::test]
+async fn the_cli_client_uploads_over_http() {
+    let harness = Harness::start().await;
+    let client = wildcam_fleet_server::cli::ApiClient::new(
+        &format!("http://{}", harness.server.http()),
+        Some(harness.admin.clone()),
+    )
+    .unwrap();
+    let image = image(5_000, 3);
+    let manifest = base64_encode(&manifest_file(&image, NEW, &firmware_key()));
+    let uploaded = client
+        .post_bytes("/firmware", image.clone(), (MANIFEST_HEADER, manifest.clone()))
+        .await
+        .unwrap();
+    assert_eq!(uploaded["created"], true);
+    assert_eq!(uploaded["firmware"]["size"], 5_000);
+    let refused = client
+        .post_bytes("/firmware", image[1..].to_vec(), (MANIFEST_HEADER, manifest))
+        .await
+        .unwrap_err();
+    let refused = format!("{refused:#}");
+    assert!(refused.contains("image_size_mismatch"), "{refused}");
+    harness.stop().await;
+}
