@@ -222,6 +222,19 @@ fn string_or_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<V
     })
 }
 
+/// Checks `ota.{key}` against its bounds.
+fn within<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: &std::ops::RangeInclusive<T>,
+) -> Result<(), String> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("ota.{key} must be between {} and {}, not {value}", range.start(), range.end()))
+    }
+}
+
 /// Most entries of [`OtaConfig::signing_keys`].
 pub const SIGNING_KEYS_MAX: usize = 16;
 /// Bounds of [`OtaConfig::max_image_bytes`].
@@ -265,43 +278,11 @@ impl OtaConfig {
 
     fn validate(&self) -> Result<(), String> {
         self.signing_public_keys()?;
-        let checks: [(&str, u64, u64, u64); 5] = [
-            (
-                "max_image_bytes",
-                self.max_image_bytes.into(),
-                (*IMAGE_BYTES_RANGE.start()).into(),
-                (*IMAGE_BYTES_RANGE.end()).into(),
-            ),
-            (
-                "chunk_len",
-                self.chunk_len.into(),
-                (*CHUNK_LEN_RANGE.start()).into(),
-                (*CHUNK_LEN_RANGE.end()).into(),
-            ),
-            (
-                "max_in_flight",
-                self.max_in_flight.into(),
-                (*MAX_IN_FLIGHT_RANGE.start()).into(),
-                (*MAX_IN_FLIGHT_RANGE.end()).into(),
-            ),
-            (
-                "failure_threshold",
-                self.failure_threshold.into(),
-                (*FAILURE_THRESHOLD_RANGE.start()).into(),
-                (*FAILURE_THRESHOLD_RANGE.end()).into(),
-            ),
-            (
-                "stall_timeout_s",
-                self.stall_timeout_s.into(),
-                (*STALL_TIMEOUT_S_RANGE.start()).into(),
-                (*STALL_TIMEOUT_S_RANGE.end()).into(),
-            ),
-        ];
-        for (key, value, low, high) in checks {
-            if !(low..=high).contains(&value) {
-                return Err(format!("ota.{key} must be between {low} and {high}, not {value}"));
-            }
-        }
+        within("max_image_bytes", self.max_image_bytes, &IMAGE_BYTES_RANGE)?;
+        within("chunk_len", self.chunk_len, &CHUNK_LEN_RANGE)?;
+        within("max_in_flight", self.max_in_flight, &MAX_IN_FLIGHT_RANGE)?;
+        within("failure_threshold", self.failure_threshold, &FAILURE_THRESHOLD_RANGE)?;
+        within("stall_timeout_s", self.stall_timeout_s, &STALL_TIMEOUT_S_RANGE)?;
         Ok(())
     }
 }
