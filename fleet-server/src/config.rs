@@ -69,6 +69,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Ingest batching.
     pub ingest: IngestConfig,
+    /// Firmware updates: accepted signing keys, image and chunk sizes, rollout pacing.
+    pub ota: OtaConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -82,6 +84,7 @@ impl Default for Config {
             provisioning: ProvisioningConfig::default(),
             http: HttpConfig::default(),
             ingest: IngestConfig::default(),
+            ota: OtaConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -159,6 +162,128 @@ pub const ATTEMPTS_PER_MINUTE_LIMIT: u32 = 600_000;
 impl Default for IngestConfig {
     fn default() -> Self {
         Self { batch_len_max: 8_000, linger_ms: 5 }
+    }
+}
+
+/// Firmware updates (`[ota]`).
+///
+/// ```toml
+/// [ota]
+/// # 64 hex digits, or the `.pub` file `cargo xtask keygen` writes; list the
+/// # old and the new key while rotating.
+/// signing_keys = ["/etc/wildcam/firmware.key.pub"]
+/// max_image_bytes = 4194304
+/// chunk_len = 1024
+/// max_in_flight = 50
+/// failure_threshold = 5
+/// stall_timeout_s = 300
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtaConfig {
+    /// Firmware signing public keys an uploaded manifest may be signed with
+    /// (at most 16). Empty: uploads are refused. In a variable
+    /// (`WILDCAM__OTA__SIGNING_KEYS`), separate entries with commas.
+    #[serde(deserialize_with = "string_or_list")]
+    pub signing_keys: Vec<String>,
+    /// Largest image accepted, bytes (1 KiB to 64 MiB; default 4 MiB).
+    pub max_image_bytes: u32,
+    /// Largest chunk offered to devices, bytes (64 to 1,024).
+    pub chunk_len: u16,
+    /// Default of a rollout's `max_in_flight`: devices offered or downloading
+    /// at once (1 to 10,000).
+    pub max_in_flight: u32,
+    /// Default of a rollout's `failure_threshold`: failed or rolled-back
+    /// devices that pause it (1 to 100,000).
+    pub failure_threshold: u32,
+    /// An offered or downloading device that has shown no progress for this
+    /// long no longer counts as in flight, so another one is offered
+    /// (10 to 86,400 seconds).
+    pub stall_timeout_s: u32,
+}
+
+/// A list, or one string of comma-separated entries (environment overrides
+/// are scalars).
+fn string_or_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Entries {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Entries::deserialize(deserializer)? {
+        Entries::Many(entries) => entries,
+        Entries::One(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+/// Checks `ota.{key}` against its bounds.
+fn within<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    range: &std::ops::RangeInclusive<T>,
+) -> Result<(), String> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("ota.{key} must be between {} and {}, not {value}", range.start(), range.end()))
+    }
+}
+
+/// Most entries of [`OtaConfig::signing_keys`].
+pub const SIGNING_KEYS_MAX: usize = 16;
+/// Bounds of [`OtaConfig::max_image_bytes`].
+pub const IMAGE_BYTES_RANGE: std::ops::RangeInclusive<u32> = 1_024..=64 * 1_024 * 1_024;
+/// Bounds of [`OtaConfig::chunk_len`].
+pub const CHUNK_LEN_RANGE: std::ops::RangeInclusive<u16> = 64..=1_024;
+/// Bounds of [`OtaConfig::max_in_flight`] (and of a rollout's).
+pub const MAX_IN_FLIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10_000;
+/// Bounds of [`OtaConfig::failure_threshold`] (and of a rollout's).
+pub const FAILURE_THRESHOLD_RANGE: std::ops::RangeInclusive<u32> = 1..=100_000;
+/// Bounds of [`OtaConfig::stall_timeout_s`].
+pub const STALL_TIMEOUT_S_RANGE: std::ops::RangeInclusive<u32> = 10..=86_400;
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        Self {
+            signing_keys: Vec::new(),
+            max_image_bytes: 4 * 1_024 * 1_024,
+            chunk_len: 1_024,
+            max_in_flight: 50,
+            failure_threshold: 5,
+            stall_timeout_s: 300,
+        }
+    }
+}
+
+impl OtaConfig {
+    /// The configured keys, read and parsed; the error names the entry.
+    pub fn signing_public_keys(&self) -> Result<Vec<[u8; 32]>, String> {
+        if self.signing_keys.len() > SIGNING_KEYS_MAX {
+            return Err(format!("ota.signing_keys holds at most {SIGNING_KEYS_MAX} keys"));
+        }
+        self.signing_keys
+            .iter()
+            .enumerate()
+            .map(|(i, entry)| {
+                crate::ota::signing_key(entry).map_err(|e| format!("ota.signing_keys[{i}]: {e}"))
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.signing_public_keys()?;
+        within("max_image_bytes", self.max_image_bytes, &IMAGE_BYTES_RANGE)?;
+        within("chunk_len", self.chunk_len, &CHUNK_LEN_RANGE)?;
+        within("max_in_flight", self.max_in_flight, &MAX_IN_FLIGHT_RANGE)?;
+        within("failure_threshold", self.failure_threshold, &FAILURE_THRESHOLD_RANGE)?;
+        within("stall_timeout_s", self.stall_timeout_s, &STALL_TIMEOUT_S_RANGE)?;
+        Ok(())
     }
 }
 
@@ -265,6 +390,7 @@ impl Config {
         {
             return Err("provisioning.password must not be empty (leave it unset to refuse claims)".into());
         }
+        self.ota.validate()?;
         self.mqtt.validate().map_err(|e| format!("mqtt: {e}"))
     }
 }
@@ -361,6 +487,25 @@ mod tests {
     }
 
     #[test]
+    fn ota_keys_from_a_list_or_a_variable() {
+        let a = "11".repeat(32);
+        let b = "22".repeat(32);
+        let config =
+            Config::from_sources(&format!("[ota]\nsigning_keys = [\"{a}\"]\n"), "", vars(&[])).unwrap();
+        assert_eq!(config.ota.signing_public_keys().unwrap(), vec![[0x11; 32]]);
+        let both = format!("{a}, {b}");
+        let config = Config::from_sources("", "", vars(&[("WILDCAM__OTA__SIGNING_KEYS", &both)])).unwrap();
+        assert_eq!(config.ota.signing_public_keys().unwrap(), vec![[0x11; 32], [0x22; 32]]);
+        assert!(
+            Config::default()
+                .ota
+                .signing_public_keys()
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn bad_input_is_named() {
         let error =
             Config::from_sources("[http]\nlisten = \"nowhere\"\n", " in a.toml", vars(&[])).unwrap_err();
@@ -383,6 +528,13 @@ mod tests {
             ("[provisioning]\nattempts_per_minute = 0\n", "provisioning.attempts_per_minute"),
             ("[provisioning]\npassword = \"\"\n", "provisioning.password"),
             ("[mqtt]\nmax_connections = 0\n", "max_connections"),
+            ("[ota]\nmax_image_bytes = 10\n", "ota.max_image_bytes"),
+            ("[ota]\nchunk_len = 2048\n", "ota.chunk_len"),
+            ("[ota]\nmax_in_flight = 0\n", "ota.max_in_flight"),
+            ("[ota]\nfailure_threshold = 0\n", "ota.failure_threshold"),
+            ("[ota]\nstall_timeout_s = 1\n", "ota.stall_timeout_s"),
+            ("[ota]\nsigning_keys = [\"abc\"]\n", "ota.signing_keys[0]"),
+            ("[ota]\nsigning_keys = [\"/nonexistent/fw.key.pub\"]\n", "ota.signing_keys[0]"),
         ] {
             let error = Config::from_sources(text, " in a.toml", vars(&[])).unwrap_err();
             let message = error.to_string();

@@ -36,6 +36,7 @@ use crate::broker::{BrokerLink, Inbound};
 use crate::config::IngestConfig;
 use crate::downlink::Downlink;
 use crate::metrics::{Metrics, Rejection};
+use crate::ota::Ota;
 use crate::sessions::{SessionError, Sessions};
 use crate::store::{AckUpdate, BATCH_ITEMS_MAX, Clock, IngestBatch, Received, Store, UplinkWindow};
 
@@ -58,6 +59,8 @@ pub struct Ingest {
     pub sessions: Sessions,
     /// Acks and catch-ups.
     pub downlink: Downlink,
+    /// Firmware updates: OTA uplinks go straight to its queue (never waiting).
+    pub ota: Ota,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Timestamps.
@@ -107,6 +110,7 @@ const ACK_QUEUE_LEN: usize = 2;
 struct Committer {
     store: Arc<dyn Store>,
     downlink: Downlink,
+    ota: Ota,
     metrics: Arc<Metrics>,
     clock: Arc<dyn Clock>,
 }
@@ -125,6 +129,7 @@ impl Ingest {
         let committer = Committer {
             store: self.store.clone(),
             downlink: self.downlink.clone(),
+            ota: self.ota.clone(),
             metrics: self.metrics.clone(),
             clock: self.clock.clone(),
         };
@@ -284,9 +289,11 @@ impl Ingest {
             Uplink::CommandResult(result) => pending
                 .side_effects
                 .push(SideEffect::CommandResult { device, result }),
-            Uplink::OtaChunkRequest(_) | Uplink::OtaProgress(_) | Uplink::OtaResult(_) => {
-                return Err((Rejection::Unsupported, Some(device)));
-            }
+            // Served at once, not after the batch commits: the OTA task
+            // records progress and results itself.
+            Uplink::OtaChunkRequest(request) => self.ota.submit_chunk_request(device, request),
+            Uplink::OtaProgress(progress) => self.ota.submit_progress(device, progress),
+            Uplink::OtaResult(result) => self.ota.submit_result(device, result),
         }
         Ok(())
     }
@@ -350,7 +357,7 @@ impl Committer {
     async fn acknowledge(self: Arc<Self>, mut committed: mpsc::Receiver<Committed>) {
         let (catch_ups, queued) = mpsc::channel(CATCH_UP_QUEUE_LEN);
         // Detached, as the catch-ups themselves: the queue ends with this task.
-        tokio::spawn(run_catch_ups(self.downlink.clone(), queued));
+        tokio::spawn(run_catch_ups(self.downlink.clone(), self.ota.clone(), queued));
         while let Some(Committed { acks, side_effects }) = committed.recv().await {
             for ack in acks {
                 let message = Ack { through: ack.acked_through };
@@ -400,18 +407,23 @@ impl Committer {
     }
 }
 
-/// Runs the queued hello catch-ups, at most [`CATCH_UPS_MAX`] at once, in the order the
-/// hellos were committed, until the queue closes.
-async fn run_catch_ups(downlink: Downlink, mut queued: mpsc::Receiver<(DeviceId, u32)>) {
+/// Runs the queued hello catch-ups (configuration, commands, then an OTA offer if
+/// one is due), at most [`CATCH_UPS_MAX`] at once, in the order the hellos were
+/// committed, until the queue closes.
+async fn run_catch_ups(downlink: Downlink, ota: Ota, mut queued: mpsc::Receiver<(DeviceId, u32)>) {
     let slots = Arc::new(Semaphore::new(CATCH_UPS_MAX));
     while let Some((device, config_version)) = queued.recv().await {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
         let downlink = downlink.clone();
+        let ota = ota.clone();
         tokio::spawn(async move {
             if let Err(error) = downlink.catch_up(&device, config_version).await {
                 tracing::warn!(device = device.as_str(), %error, "catch-up failed");
+            }
+            if let Err(error) = ota.offer(&device).await {
+                tracing::warn!(device = device.as_str(), %error, "OTA offer not sent (the next hello retries)");
             }
             drop(permit);
         });

@@ -10,6 +10,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt_auth;
+pub mod ota;
 pub mod provisioning;
 pub mod server;
 pub mod sessions;

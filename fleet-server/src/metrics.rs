@@ -7,6 +7,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use wildcam_sdk::ota::OtaOutcome;
+
 /// Why ingest refused a message. Each has its own counter and log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejection {
@@ -69,6 +71,73 @@ impl Rejection {
     }
 }
 
+/// Why an OTA uplink was answered with nothing (or an empty chunk).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtaRefusal {
+    /// The device is not a target of the rollout it names (or the version
+    /// in a result is not the rollout's).
+    NotTargeted,
+    /// The device is a target but was not offered the rollout yet.
+    NotOffered,
+    /// The rollout was aborted, or the device's target is finished
+    /// (superseded, aborted, failed...): an empty chunk tells it so.
+    RolloutInactive,
+    /// A chunk of length 0 or above the offered chunk length.
+    LengthInvalid,
+    /// A chunk starting or ending past the image.
+    OffsetInvalid,
+    /// The image file could not be read.
+    ImageUnavailable,
+    /// The OTA queue was full (the device asks again after its timeout).
+    QueueFull,
+}
+
+impl OtaRefusal {
+    /// Every reason, in a fixed order.
+    pub const ALL: [OtaRefusal; 7] = [
+        OtaRefusal::NotTargeted,
+        OtaRefusal::NotOffered,
+        OtaRefusal::RolloutInactive,
+        OtaRefusal::LengthInvalid,
+        OtaRefusal::OffsetInvalid,
+        OtaRefusal::ImageUnavailable,
+        OtaRefusal::QueueFull,
+    ];
+
+    /// The `reason` label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            OtaRefusal::NotTargeted => "not_targeted",
+            OtaRefusal::NotOffered => "not_offered",
+            OtaRefusal::RolloutInactive => "rollout_inactive",
+            OtaRefusal::LengthInvalid => "length_invalid",
+            OtaRefusal::OffsetInvalid => "offset_invalid",
+            OtaRefusal::ImageUnavailable => "image_unavailable",
+            OtaRefusal::QueueFull => "queue_full",
+        }
+    }
+}
+
+/// Every device outcome of an update, with its `outcome` label value.
+pub const OTA_OUTCOMES: [(OtaOutcome, &str); 16] = [
+    (OtaOutcome::Confirmed, "confirmed"),
+    (OtaOutcome::SignatureInvalid, "signature_invalid"),
+    (OtaOutcome::WrongChip, "wrong_chip"),
+    (OtaOutcome::Downgrade, "downgrade"),
+    (OtaOutcome::NotNewer, "not_newer"),
+    (OtaOutcome::ImageTooLarge, "image_too_large"),
+    (OtaOutcome::BatteryTooLow, "battery_too_low"),
+    (OtaOutcome::DigestMismatch, "digest_mismatch"),
+    (OtaOutcome::SizeMismatch, "size_mismatch"),
+    (OtaOutcome::WriteFailed, "write_failed"),
+    (OtaOutcome::ReadFailed, "read_failed"),
+    (OtaOutcome::SelfTestFailed, "self_test_failed"),
+    (OtaOutcome::RolledBack, "rolled_back"),
+    (OtaOutcome::Aborted, "aborted"),
+    (OtaOutcome::Superseded, "superseded"),
+    (OtaOutcome::Busy, "busy"),
+];
+
 /// Latency histogram buckets for ingest commits, in seconds.
 const COMMIT_BUCKETS_S: [f64; 10] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0];
 
@@ -85,6 +154,11 @@ pub struct Metrics {
     batch_items: AtomicU64,
     ingest_queue_depth: AtomicU64,
     devices_provisioned: AtomicU64,
+    ota_offers: AtomicU64,
+    ota_chunks: AtomicU64,
+    ota_bytes: AtomicU64,
+    ota_refused: [AtomicU64; OtaRefusal::ALL.len()],
+    ota_outcomes: [AtomicU64; OTA_OUTCOMES.len()],
 }
 
 impl Metrics {
@@ -142,6 +216,52 @@ impl Metrics {
         self.devices_provisioned.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// An OTA offer was published.
+    pub fn ota_offer_sent(&self) {
+        self.ota_offers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A chunk of `len` image bytes was published.
+    pub fn ota_chunk_served(&self, len: usize) {
+        self.ota_chunks.fetch_add(1, Ordering::Relaxed);
+        self.ota_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// Chunks and image bytes published so far.
+    pub fn ota_served(&self) -> (u64, u64) {
+        (self.ota_chunks.load(Ordering::Relaxed), self.ota_bytes.load(Ordering::Relaxed))
+    }
+
+    /// An OTA uplink was refused for `reason`.
+    pub fn ota_refuse(&self, reason: OtaRefusal) {
+        if let Some(index) = OtaRefusal::ALL.iter().position(|r| *r == reason) {
+            self.ota_refused[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// OTA uplinks refused for `reason` so far.
+    pub fn ota_refused(&self, reason: OtaRefusal) -> u64 {
+        OtaRefusal::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map_or(0, |index| self.ota_refused[index].load(Ordering::Relaxed))
+    }
+
+    /// A device reported `outcome` for the first time for a rollout.
+    pub fn ota_outcome(&self, outcome: OtaOutcome) {
+        if let Some(index) = OTA_OUTCOMES.iter().position(|(o, _)| *o == outcome) {
+            self.ota_outcomes[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Devices that reported `outcome` so far.
+    pub fn ota_outcomes(&self, outcome: OtaOutcome) -> u64 {
+        OTA_OUTCOMES
+            .iter()
+            .position(|(o, _)| *o == outcome)
+            .map_or(0, |index| self.ota_outcomes[index].load(Ordering::Relaxed))
+    }
+
     /// Messages received so far.
     pub fn messages_in_total(&self) -> u64 {
         self.messages_in.load(Ordering::Relaxed)
@@ -183,16 +303,17 @@ impl Metrics {
             "Connections to an external broker made again after a loss.",
             link_reconnects,
         );
-        let _ = writeln!(out, "# HELP wildcam_messages_rejected_total Messages refused, by reason.");
-        let _ = writeln!(out, "# TYPE wildcam_messages_rejected_total counter");
-        for (reason, count) in Rejection::ALL.iter().zip(&self.rejected) {
-            let _ = writeln!(
-                out,
-                "wildcam_messages_rejected_total{{reason=\"{}\"}} {}",
-                reason.as_str(),
-                load(count)
-            );
-        }
+        labelled(
+            &mut out,
+            "wildcam_messages_rejected_total",
+            "Messages refused, by reason.",
+            "reason",
+            Rejection::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .zip(&self.rejected),
+        );
+        self.render_ota(&mut out);
         gauge(
             &mut out,
             "wildcam_ingest_queue_depth",
@@ -211,6 +332,38 @@ impl Metrics {
         out
     }
 
+    fn render_ota(&self, out: &mut String) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(out, "wildcam_ota_offers_sent_total", "OTA offers published.", load(&self.ota_offers));
+        counter(out, "wildcam_ota_chunks_served_total", "OTA chunks published.", load(&self.ota_chunks));
+        counter(
+            out,
+            "wildcam_ota_bytes_served_total",
+            "Image bytes published in OTA chunks.",
+            load(&self.ota_bytes),
+        );
+        labelled(
+            out,
+            "wildcam_ota_requests_refused_total",
+            "OTA uplinks refused, by reason.",
+            "reason",
+            OtaRefusal::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .zip(&self.ota_refused),
+        );
+        labelled(
+            out,
+            "wildcam_ota_device_outcomes_total",
+            "Update outcomes devices reported (each device and rollout once), by outcome.",
+            "outcome",
+            OTA_OUTCOMES
+                .iter()
+                .map(|(_, name)| *name)
+                .zip(&self.ota_outcomes),
+        );
+    }
+
     fn render_commit_histogram(&self, out: &mut String) {
         let name = "wildcam_ingest_batch_commit_seconds";
         let _ = writeln!(out, "# HELP {name} Latency of one ingest batch commit.");
@@ -227,6 +380,19 @@ impl Metrics {
 
 fn counter(out: &mut String, name: &str, help: &str, value: u64) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+}
+
+fn labelled<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl Iterator<Item = (&'a str, &'a AtomicU64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, count) in values {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {}", count.load(Ordering::Relaxed));
+    }
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: u64) {
@@ -253,6 +419,16 @@ mod tests {
         assert!(text.contains("wildcam_ingest_batch_commit_seconds_bucket{le=\"0.005\"} 1\n"), "{text}");
         assert!(text.contains("wildcam_connected_devices 4\n"), "{text}");
         assert!(text.contains("wildcam_broker_reconnects_total 3\n"), "{text}");
+        metrics.ota_chunk_served(1_024);
+        metrics.ota_refuse(OtaRefusal::OffsetInvalid);
+        metrics.ota_outcome(OtaOutcome::SelfTestFailed);
+        let text = metrics.render(None, 0, 0);
+        assert!(text.contains("wildcam_ota_bytes_served_total 1024\n"), "{text}");
+        assert!(text.contains("wildcam_ota_requests_refused_total{reason=\"offset_invalid\"} 1\n"), "{text}");
+        assert!(
+            text.contains("wildcam_ota_device_outcomes_total{outcome=\"self_test_failed\"} 1\n"),
+            "{text}"
+        );
         assert_eq!(metrics.rejected(Rejection::Replayed), 2);
         // Not reported yet (or not known for this broker): not rendered as a false 0.
         assert!(

@@ -23,6 +23,7 @@ use crate::http;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::mqtt_auth::MqttAuthHook;
+use crate::ota::{Ota, OtaSettings};
 use crate::provisioning::Provisioning;
 use crate::sessions::Sessions;
 use crate::store::{Clock, DeviceQuery, PageRequest, SqliteConfig, SqliteStore, Store, SystemClock};
@@ -45,6 +46,8 @@ pub struct AppState {
     pub sessions: Sessions,
     /// Sending to devices.
     pub downlink: Downlink,
+    /// Firmware updates.
+    pub ota: Ota,
     /// The server's public identity (devices may pin it).
     pub identity_public_key: [u8; 32],
     /// Timestamps.
@@ -86,6 +89,7 @@ impl Server {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("could not create data directory {}", config.data_dir.display()))?;
         let identity = load_or_create_identity(&config.data_dir)?;
+        let ota_settings = OtaSettings::from_config(&config.ota).map_err(anyhow::Error::msg)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(SqliteConfig::new(config.data_dir.clone()))
@@ -109,12 +113,15 @@ impl Server {
         let downlink =
             Downlink::new(sessions.clone(), publisher.clone(), store.clone(), clock.clone(), metrics.clone());
         let link_stats = link.stats_reader();
+        let ota =
+            Ota::start(store.clone(), downlink.clone(), metrics.clone(), ota_settings, &config.data_dir);
         let state = AppState {
             store: store.clone(),
             metrics: metrics.clone(),
             credentials: credentials.clone(),
             sessions: sessions.clone(),
             downlink: downlink.clone(),
+            ota: ota.clone(),
             identity_public_key: identity.public_key(),
             clock: clock.clone(),
             link_stats,
@@ -125,8 +132,16 @@ impl Server {
         let (stop, stop_rx) = watch::channel(false);
         let provisioning =
             spawn_provisioning(&state, identity, publisher, config.provisioning.attempts_per_minute);
-        let ingest =
-            Ingest { store, sessions, downlink, metrics, clock, config: config.ingest.clone(), provisioning };
+        let ingest = Ingest {
+            store,
+            sessions,
+            downlink,
+            ota,
+            metrics,
+            clock,
+            config: config.ingest.clone(),
+            provisioning,
+        };
         let ingest = tokio::spawn(ingest.run(link, stop_rx.clone()));
         let (http_addr, http) = http::serve(config.http.listen, state.clone(), stop_rx).await?;
         tracing::info!(

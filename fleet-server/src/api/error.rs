@@ -115,6 +115,10 @@ impl From<StoreError> for ApiError {
             E::ClaimTokenNotFound(_) => Self::not_found("claim_token_not_found", message),
             E::ApiTokenNotFound(_) => Self::not_found("api_token_not_found", message),
             E::CommandNotFound { .. } => Self::not_found("command_not_found", message),
+            E::FirmwareNotFound(_) => Self::not_found("firmware_not_found", message),
+            E::RolloutNotFound(_) => Self::not_found("rollout_not_found", message),
+            E::FirmwareConflict(_) => Self::conflict("firmware_conflict", message),
+            E::RolloutState { .. } => Self::conflict("rollout_state", message),
             E::DeviceRevoked(_) => Self::conflict("device_revoked", message),
             E::TooManyOpenCommands { .. } => Self::conflict("too_many_open_commands", message),
             E::DeviceIdTaken(_)
@@ -139,6 +143,7 @@ impl From<StoreError> for ApiError {
             | E::Random(_)
             | E::BatchTooLarge { .. }
             | E::CommandIdsExhausted
+            | E::OtaIdsExhausted
             | E::ReservationConflict { .. } => Self::internal(&message),
         }
     }

@@ -8,6 +8,7 @@
 //! | claiming | `/claim-tokens`, `/allowlist` | `claims.rs` |
 //! | telemetry | `/detections`, `/devices/{id}/health` | `telemetry.rs` |
 //! | control | `/devices/{id}/config`, `/devices/{id}/commands` | `control.rs` |
+//! | firmware updates | `/firmware`, `/rollouts` | `ota.rs` |
 //! | server | `/server`, `/tokens` | `admin.rs` |
 //!
 //! Every route is registered through [`routes`] with the [`Access`] it needs,
@@ -22,6 +23,7 @@ mod devices;
 mod error;
 mod extract;
 mod openapi;
+mod ota;
 mod telemetry;
 mod views;
 
@@ -129,6 +131,15 @@ pub fn routes(state: AppState) -> (Router<AppState>, Vec<ServedRoute>) {
         .add(Get, "/allowlist", Read, claims::list_allowed)
         .add(Post, "/allowlist", Admin, claims::allow)
         .add(Delete, "/allowlist/{identity_key}", Admin, claims::disallow)
+        .add_raw_body(Post, "/firmware", Admin, ota::upload)
+        .add(Get, "/firmware", Read, ota::list_firmware)
+        .add(Get, "/firmware/{id}", Read, ota::get_firmware)
+        .add(Post, "/rollouts", Admin, ota::create_rollout)
+        .add(Get, "/rollouts", Read, ota::list_rollouts)
+        .add(Get, "/rollouts/{id}", Read, ota::get_rollout)
+        .add(Post, "/rollouts/{id}/pause", Admin, ota::pause)
+        .add(Post, "/rollouts/{id}/resume", Admin, ota::resume)
+        .add(Post, "/rollouts/{id}/abort", Admin, ota::abort)
         .add(Get, "/tokens", Admin, admin::list_tokens)
         .add(Post, "/tokens", Admin, admin::create_token)
         .add(Post, "/tokens/{id}/revoke", Admin, admin::revoke_token)
@@ -148,12 +159,32 @@ impl RouteTable {
     }
 
     /// Serves `handler` at `verb path`, behind the token check `access` needs.
-    fn add<H, T>(mut self, verb: Verb, path: &'static str, access: Access, handler: H) -> Self
+    fn add<H, T>(self, verb: Verb, path: &'static str, access: Access, handler: H) -> Self
     where
         H: Handler<T, AppState>,
         T: 'static,
     {
-        let mut route = on(verb.filter(), handler);
+        self.add_route(verb, path, access, on(verb.filter(), handler))
+    }
+
+    /// [`RouteTable::add`] for a handler that reads the raw body under its own
+    /// limit (firmware uploads), instead of [`BODY_LIMIT_BYTES`].
+    fn add_raw_body<H, T>(self, verb: Verb, path: &'static str, access: Access, handler: H) -> Self
+    where
+        H: Handler<T, AppState>,
+        T: 'static,
+    {
+        let route = on(verb.filter(), handler).layer(DefaultBodyLimit::disable());
+        self.add_route(verb, path, access, route)
+    }
+
+    fn add_route(
+        mut self,
+        verb: Verb,
+        path: &'static str,
+        access: Access,
+        mut route: axum::routing::MethodRouter<AppState>,
+    ) -> Self {
         if let Some(required) = access.required_role() {
             let gate = auth::Gate { state: self.state.clone(), required };
             route = route.route_layer(from_fn_with_state(gate, auth::authorize));

@@ -13,7 +13,11 @@ use super::Access;
 use super::claims::{CLAIM_TOKEN_LIFETIME_DEFAULT_S, CLAIM_TOKEN_LIFETIME_MAX_S};
 use super::control::COMMAND_TTL_DEFAULT_S;
 use super::extract::DEFAULT_PAGE_LIMIT;
-use crate::store::{COMMAND_TTL_MAX_S, LABEL_LEN_MAX, LABELS_PER_DEVICE_MAX, PAGE_LIMIT_MAX};
+use crate::config::{FAILURE_THRESHOLD_RANGE, MAX_IN_FLIGHT_RANGE};
+use crate::ota::MANIFEST_HEADER;
+use crate::store::{
+    COMMAND_TTL_MAX_S, LABEL_LEN_MAX, LABELS_PER_DEVICE_MAX, PAGE_LIMIT_MAX, ROLLOUT_TARGETS_MAX, TargetState,
+};
 
 /// `GET /openapi.json` (no token needed).
 pub async fn serve() -> Json<Value> {
@@ -196,6 +200,7 @@ fn paths() -> Value {
     control_paths(&mut paths);
     telemetry_paths(&mut paths);
     claim_paths(&mut paths);
+    ota_paths(&mut paths);
     token_paths(&mut paths);
     Value::Object(paths)
 }
@@ -483,6 +488,101 @@ fn token_paths(paths: &mut Map<String, Value>) {
     );
 }
 
+fn ota_paths(paths: &mut Map<String, Value>) {
+    let mut upload = Op::new(
+        Access::Admin,
+        "Uploads a firmware image: the raw image as the body, the signed manifest (standard base64 of the file `cargo xtask sign` writes) in the `X-WildCAM-Manifest` header. Checked before anything is stored: the manifest decodes (400 `manifest_missing`, `manifest_invalid`), its signature verifies under a configured key (409 `no_signing_key`, 422 `signature_invalid`), the image is within `[ota] max_image_bytes` (413 `image_too_large`) and matches the manifest's size and SHA-256 (422 `image_size_mismatch`, `image_digest_mismatch`). The same image again returns the stored firmware with 200; the same SHA-256 with another manifest is 409 `firmware_conflict`.",
+    )
+    .params(vec![json!({
+        "name": MANIFEST_HEADER, "in": "header", "required": true,
+        "description": "Standard base64 of the postcard `SignedManifest` file.",
+        "schema": { "type": "string" }
+    })])
+    .returns(201, schema("FirmwareUpload"))
+    .errors(&[400, 409, 413, 415, 422])
+    .build();
+    upload["requestBody"] = json!({
+        "required": true,
+        "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } }
+    });
+    upload["responses"]["200"] = json!({
+        "description": "The same image was stored already.",
+        "content": { "application/json": { "schema": schema("FirmwareUpload") } }
+    });
+    paths
+        .entry("/firmware".to_owned())
+        .or_insert_with(|| Value::Object(Map::new()))["post"] = upload;
+    add(
+        paths,
+        "/firmware",
+        "get",
+        Op::new(Access::Read, "Uploaded firmware, newest first.")
+            .params(vec![param("Limit"), param("Cursor")])
+            .returns(200, schema("FirmwarePage"))
+            .errors(&[400]),
+    );
+    let id =
+        |what: &str| path("id", &format!("The {what}'s id."), json!({ "type": "integer", "minimum": 1 }));
+    add(
+        paths,
+        "/firmware/{id}",
+        "get",
+        Op::new(Access::Read, "One firmware.")
+            .params(vec![id("firmware")])
+            .returns(200, schema("Firmware"))
+            .errors(&[400, 404]),
+    );
+    add(
+        paths,
+        "/rollouts",
+        "post",
+        Op::new(Access::Admin, "Creates a rollout of a firmware to the named devices and/or every active device of its chip running an older version, and offers it to the first `max_in_flight` of them. A target's unfinished targets in older rollouts become `superseded`.")
+            .body(schema("NewRollout"))
+            .returns(201, schema("RolloutDetail"))
+            .errors(&[400, 404, 409, 413, 415, 422]),
+    );
+    add(
+        paths,
+        "/rollouts",
+        "get",
+        Op::new(Access::Read, "Rollouts, newest first, with counts per target state.")
+            .params(vec![param("Limit"), param("Cursor")])
+            .returns(200, schema("RolloutPage"))
+            .errors(&[400]),
+    );
+    add(
+        paths,
+        "/rollouts/{id}",
+        "get",
+        Op::new(Access::Read, "One rollout: counts per state and every target.")
+            .params(vec![id("rollout")])
+            .returns(200, schema("RolloutDetail"))
+            .errors(&[400, 404]),
+    );
+    let actions = [
+        (
+            "pause",
+            "Stops new offers; downloads in progress continue. Pausing a paused rollout changes nothing.",
+        ),
+        ("resume", "Offers again (also after an automatic pause at the failure threshold)."),
+        (
+            "abort",
+            "Ends the rollout for good: unfinished targets become `aborted`, devices still downloading get an empty chunk.",
+        ),
+    ];
+    for (action, summary) in actions {
+        add(
+            paths,
+            &format!("/rollouts/{{id}}/{action}"),
+            "post",
+            Op::new(Access::Admin, summary)
+                .params(vec![id("rollout")])
+                .returns(200, schema("Rollout"))
+                .errors(&[400, 404, 409]),
+        );
+    }
+}
+
 // ---------------------------------------------------------------- components
 
 fn parameters() -> Value {
@@ -498,21 +598,30 @@ fn error_responses() -> Value {
     let described = [
         (
             400,
-            "Malformed parameter or body (`invalid_query`, `invalid_body`, `invalid_path`, `invalid_device_id`, `invalid_limit`, `invalid_cursor`).",
+            "Malformed parameter or body (`invalid_query`, `invalid_body`, `invalid_path`, `invalid_device_id`, `invalid_limit`, `invalid_cursor`, `manifest_missing`, `manifest_invalid`).",
         ),
         (401, "No, unknown or revoked token (`unauthorized`)."),
         (403, "The token's role does not allow this (`forbidden`)."),
         (
             404,
-            "No such resource (`device_not_found`, `claim_token_not_found`, `api_token_not_found`, `identity_not_found`, `route_not_found`).",
+            "No such resource (`device_not_found`, `claim_token_not_found`, `api_token_not_found`, `identity_not_found`, `firmware_not_found`, `rollout_not_found`, `route_not_found`).",
         ),
         (
             409,
-            "Conflicts with the current state (`device_revoked`, `too_many_open_commands`, `already_exists`).",
+            "Conflicts with the current state (`device_revoked`, `too_many_open_commands`, `already_exists`, `no_signing_key`, `firmware_conflict`, `rollout_state`).",
         ),
-        (413, "Request body over 64 KiB (`body_too_large`)."),
-        (415, "Request body is not `application/json` (`unsupported_media_type`)."),
-        (422, "A value is out of its allowed range (`invalid_value`, `invalid_config`)."),
+        (
+            413,
+            "Request body over 64 KiB (`body_too_large`), or a firmware image over `[ota] max_image_bytes` (`image_too_large`).",
+        ),
+        (
+            415,
+            "Request body is not `application/json` (or, for firmware, `application/octet-stream`) (`unsupported_media_type`).",
+        ),
+        (
+            422,
+            "A value is out of its allowed range (`invalid_value`, `invalid_config`, `signature_invalid`, `image_size_mismatch`, `image_digest_mismatch`).",
+        ),
         (500, "Internal failure; details are only in the server log (`internal`)."),
     ];
     let mut map = Map::new();
@@ -531,6 +640,7 @@ fn schemas() -> Value {
         telemetry_schemas(),
         control_schemas(),
         claim_schemas(),
+        ota_schemas(),
         token_schemas(),
     ] {
         if let Value::Object(part) = part {
@@ -545,6 +655,8 @@ fn schemas() -> Value {
         ("ClaimTokenPage", "ClaimToken"),
         ("AllowedIdentityPage", "AllowedIdentity"),
         ("ApiTokenPage", "ApiToken"),
+        ("FirmwarePage", "Firmware"),
+        ("RolloutPage", "Rollout"),
     ] {
         map.insert(page.to_owned(), page_of(item));
     }
@@ -825,6 +937,65 @@ fn claim_schemas() -> Value {
         "NewAllowedIdentity": input("An identity key to allow.", &["identity_key"], json!({
             "identity_key": schema("HexKey"),
             "note": { "type": "string", "maxLength": LABEL_LEN_MAX, "default": "" }
+        })),
+    })
+}
+
+fn ota_schemas() -> Value {
+    let states: Vec<&str> = TargetState::ALL.iter().map(|s| s.as_str()).collect();
+    let counts: Map<String, Value> = states
+        .iter()
+        .map(|s| ((*s).to_owned(), json!({ "type": "integer", "minimum": 0 })))
+        .collect();
+    let rollout = json!({
+        "id": { "type": "integer", "minimum": 1, "description": "Also the `rollout_id` on the wire." },
+        "firmware_id": { "type": "integer", "minimum": 1 },
+        "version": schema("FirmwareVersion"),
+        "chip": schema("Chip"),
+        "state": schema("RolloutState"),
+        "pause_reason": { "type": ["string", "null"], "description": "Why it paused: an operator, or the failure threshold." },
+        "max_in_flight": int(i64::from(*MAX_IN_FLIGHT_RANGE.start()), i64::from(*MAX_IN_FLIGHT_RANGE.end())),
+        "failure_threshold": int(i64::from(*FAILURE_THRESHOLD_RANGE.start()), i64::from(*FAILURE_THRESHOLD_RANGE.end())),
+        "counts": object("Targets per state.", Value::Object(counts)),
+        "created_at_ms": millis(),
+        "updated_at_ms": millis()
+    });
+    let mut detail = rollout.clone();
+    detail["devices"] = json!({ "type": "array", "items": schema("RolloutDevice") });
+    json!({
+        "Firmware": object("An uploaded firmware image (its manifest, checked).", json!({
+            "id": { "type": "integer", "minimum": 1 },
+            "sha256": { "type": "string", "pattern": "^[0-9a-f]{64}$" },
+            "size": { "type": "integer", "minimum": 1, "description": "Bytes." },
+            "chip": schema("Chip"),
+            "version": schema("FirmwareVersion"),
+            "secure_version": { "type": "integer", "minimum": 0 },
+            "min_battery_mv": int(0, 65535),
+            "signing_key": { "$ref": "#/components/schemas/HexKey", "description": "The configured public key the manifest verified under." },
+            "created_at_ms": millis()
+        })),
+        "FirmwareUpload": object("An upload's answer.", json!({
+            "firmware": schema("Firmware"),
+            "created": { "type": "boolean", "description": "`false`: this image was stored already." }
+        })),
+        "NewRollout": input("A rollout to create: name devices, set `all`, or both.", &["firmware_id"], json!({
+            "firmware_id": { "type": "integer", "minimum": 1 },
+            "devices": { "type": "array", "maxItems": ROLLOUT_TARGETS_MAX, "items": { "type": "string" }, "default": [] },
+            "all": { "type": "boolean", "default": false, "description": "Every active device of the firmware's chip running an older version." },
+            "max_in_flight": { "type": "integer", "minimum": MAX_IN_FLIGHT_RANGE.start(), "maximum": MAX_IN_FLIGHT_RANGE.end(), "description": "Devices offered or downloading at once (default `[ota] max_in_flight`)." },
+            "failure_threshold": { "type": "integer", "minimum": FAILURE_THRESHOLD_RANGE.start(), "maximum": FAILURE_THRESHOLD_RANGE.end(), "description": "Failed or rolled-back devices that pause the rollout (default `[ota] failure_threshold`)." }
+        })),
+        "RolloutState": string_enum("Where a rollout stands.", &["active", "paused", "aborted", "completed"]),
+        "TargetState": string_enum("Where a device stands in a rollout.", &states),
+        "Rollout": object("A rollout and its counts.", rollout),
+        "RolloutDetail": object("A rollout, its counts and every target.", detail),
+        "RolloutDevice": object("One target of a rollout.", json!({
+            "device_id": { "type": "string" },
+            "state": schema("TargetState"),
+            "offset": { "type": "integer", "minimum": 0, "description": "Bytes the device has, as last reported or asked for." },
+            "outcome": { "type": ["string", "null"], "description": "The outcome the device reported (`Confirmed`, `SelfTestFailed`, `DigestMismatch`, `Busy`...)." },
+            "offers": { "type": "integer", "minimum": 0 },
+            "updated_at_ms": millis()
         })),
     })
 }

@@ -69,11 +69,23 @@ impl ApiClient {
         let body = body
             .map(serde_json::to_vec)
             .transpose()
-            .context("encoding the body")?;
+            .context("encoding the body")?
+            .map(|bytes| Payload { bytes, content_type: "application/json", header: None });
         self.call(method, path, body).await
     }
 
-    async fn call(&self, method: Method, target: &str, body: Option<Vec<u8>>) -> Result<Value> {
+    /// `POST path` with raw bytes and one extra header (firmware uploads).
+    pub async fn post_bytes(
+        &self,
+        path: &str,
+        bytes: Vec<u8>,
+        header: (&'static str, String),
+    ) -> Result<Value> {
+        let payload = Payload { bytes, content_type: "application/octet-stream", header: Some(header) };
+        self.call(Method::POST, path, Some(payload)).await
+    }
+
+    async fn call(&self, method: Method, target: &str, body: Option<Payload>) -> Result<Value> {
         let what = format!("{method} {}{target}", self.base_path);
         let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, self.exchange(method, target, body))
             .await
@@ -86,7 +98,7 @@ impl ApiClient {
         &self,
         method: Method,
         target: &str,
-        body: Option<Vec<u8>>,
+        body: Option<Payload>,
     ) -> Result<(StatusCode, Bytes)> {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
@@ -101,7 +113,7 @@ impl ApiClient {
         Ok((status, bytes))
     }
 
-    fn request(&self, method: Method, target: &str, body: Option<Vec<u8>>) -> Result<Request<Full<Bytes>>> {
+    fn request(&self, method: Method, target: &str, body: Option<Payload>) -> Result<Request<Full<Bytes>>> {
         let mut builder = Request::builder()
             .method(method)
             .uri(format!("{}{target}", self.base_path))
@@ -110,11 +122,22 @@ impl ApiClient {
         if let Some(token) = &self.token {
             builder = builder.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
-        if body.is_some() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
+        let Some(payload) = body else {
+            return Ok(builder.body(Full::new(Bytes::new()))?);
+        };
+        builder = builder.header(header::CONTENT_TYPE, payload.content_type);
+        if let Some((name, value)) = payload.header {
+            builder = builder.header(name, value);
         }
-        Ok(builder.body(Full::new(Bytes::from(body.unwrap_or_default())))?)
+        Ok(builder.body(Full::new(Bytes::from(payload.bytes)))?)
     }
+}
+
+/// A request body and how to describe it.
+struct Payload {
+    bytes: Vec<u8>,
+    content_type: &'static str,
+    header: Option<(&'static str, String)>,
 }
 
 /// The JSON of a successful answer, or the API error as a message.

@@ -8,6 +8,7 @@
 mod client;
 mod demo_trap;
 mod operator;
+mod ota;
 mod output;
 
 use std::path::PathBuf;
@@ -93,6 +94,20 @@ enum Command {
         #[command(subcommand)]
         command: CommandsCommand,
     },
+    /// Firmware images for OTA updates.
+    Firmware {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: ota::FirmwareCommand,
+    },
+    /// OTA rollouts of uploaded firmware.
+    Rollout {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[command(subcommand)]
+        command: ota::RolloutCommand,
+    },
     /// Claim a throwaway trap with a claim token and send detections.
     DemoTrap(DemoTrapArgs),
 }
@@ -170,6 +185,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Health { api, args } => operator::run(&api, OperatorCommand::Health(args)).await?,
         Command::Config { api, command } => operator::run(&api, OperatorCommand::Config(command)).await?,
         Command::Commands { api, command } => operator::run(&api, OperatorCommand::Commands(command)).await?,
+        Command::Firmware { api, command } => operator::run(&api, OperatorCommand::Firmware(command)).await?,
+        Command::Rollout { api, command } => operator::run(&api, OperatorCommand::Rollout(command)).await?,
         Command::DemoTrap(args) => demo_trap::run(args).await?,
     }
     Ok(ExitCode::SUCCESS)
@@ -273,5 +290,32 @@ mod tests {
         assert_eq!((args.claim_token.as_str(), args.count), ("abc.def", 2));
         let cli = Cli::try_parse_from(["wildcam-fleet", "token", "create", "--role", "read_only"]).unwrap();
         assert!(matches!(cli.command, Command::Token { .. }));
+        let cli = Cli::try_parse_from([
+            "wildcam-fleet",
+            "rollout",
+            "create",
+            "--firmware",
+            "3",
+            "--device",
+            "wc-1",
+            "--device",
+            "wc-2",
+            "--max-in-flight",
+            "2",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Rollout { .. }));
+        let cli = Cli::try_parse_from([
+            "wildcam-fleet",
+            "firmware",
+            "upload",
+            "--image",
+            "fw.bin",
+            "--manifest",
+            "fw.manifest",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Firmware { .. }));
+        assert!(Cli::try_parse_from(["wildcam-fleet", "rollout", "pause", "7"]).is_ok());
     }
 }

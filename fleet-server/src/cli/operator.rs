@@ -264,6 +264,10 @@ pub enum OperatorCommand {
     Config(ConfigCommand),
     /// `commands ...`.
     Commands(CommandsCommand),
+    /// `firmware ...`.
+    Firmware(super::ota::FirmwareCommand),
+    /// `rollout ...`.
+    Rollout(super::ota::RolloutCommand),
 }
 
 /// Runs `command` against the API and prints the result.
@@ -284,13 +288,15 @@ pub async fn run(args: &ApiArgs, command: OperatorCommand) -> Result<()> {
         }
         OperatorCommand::Config(command) => config(&client, command, args.json).await?,
         OperatorCommand::Commands(command) => commands(&client, command, args.json).await?,
+        OperatorCommand::Firmware(command) => super::ota::firmware(&client, command, args.json).await?,
+        OperatorCommand::Rollout(command) => super::ota::rollout(&client, command, args.json).await?,
     };
     print!("{printed}");
     Ok(())
 }
 
 /// A page as JSON, or as a table and, when there is more, how to get it.
-fn list_output(page: &Value, as_json: bool, table: fn(&[Value]) -> Table) -> String {
+pub(super) fn list_output(page: &Value, as_json: bool, table: fn(&[Value]) -> Table) -> String {
     if as_json {
         return format!("{}\n", pretty(page));
     }
@@ -306,7 +312,7 @@ fn list_output(page: &Value, as_json: bool, table: fn(&[Value]) -> Table) -> Str
 }
 
 /// One object as JSON, or as `field  value` lines.
-fn object_output(value: &Value, as_json: bool, fields: &[(&'static str, String)]) -> String {
+pub(super) fn object_output(value: &Value, as_json: bool, fields: &[(&'static str, String)]) -> String {
     if as_json {
         return format!("{}\n", pretty(value));
     }
@@ -424,7 +430,7 @@ async fn claim_tokens(client: &ApiClient, command: ClaimTokensCommand, as_json: 
 }
 
 /// Drops the `null` members of an object (optional fields left out).
-fn without_nulls(mut value: Value) -> Value {
+pub(super) fn without_nulls(mut value: Value) -> Value {
     if let Value::Object(map) = &mut value {
         map.retain(|_, member| !member.is_null());
     }

@@ -141,6 +141,28 @@ pub enum StoreError {
     /// No API token has this id.
     #[error("API token {0} not found")]
     ApiTokenNotFound(i64),
+    /// No firmware has this id.
+    #[error("firmware {0} not found")]
+    FirmwareNotFound(u32),
+    /// An image with this SHA-256 is stored with another manifest.
+    #[error("an image with this SHA-256 is already stored as firmware {0}, with another manifest")]
+    FirmwareConflict(u32),
+    /// No rollout has this id.
+    #[error("rollout {0} not found")]
+    RolloutNotFound(u32),
+    /// The rollout's state does not allow the change.
+    #[error("rollout {id} is {state}: {message}")]
+    RolloutState {
+        /// The rollout.
+        id: u32,
+        /// Its state.
+        state: &'static str,
+        /// What is not allowed.
+        message: &'static str,
+    },
+    /// Firmware or rollout ids (u32 on the wire) are used up.
+    #[error("firmware or rollout ids are exhausted")]
+    OtaIdsExhausted,
     /// The downlink reservation moved since the caller read it.
     #[error(
         "downlink reservation of device {device_id} is {current}, not the expected {expected}: reload and resume"

@@ -14,6 +14,7 @@
 //! | [`OutboxStore`] | cloud bridges | the transactional outbox |
 //! | [`ControlStore`] | API, downlink | desired/reported configuration, commands |
 //! | [`ApiTokenStore`] | API | operator tokens |
+//! | [`OtaStore`] | OTA service, API | firmware images, rollouts, per-device update status |
 //!
 //! and [`Store`], all of them plus [`Store::close`]. [`SqliteStore`] is the
 //! embedded implementation; a PostgreSQL one can implement the same traits
@@ -51,6 +52,7 @@ mod control;
 mod device;
 mod error;
 mod ingest;
+mod ota;
 mod page;
 mod secret;
 mod sqlite;
@@ -59,7 +61,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use wildcam_sdk::DeviceId;
-use wildcam_sdk::protocol::{CommandKind, CommandResult, DesiredConfig, ReportedConfig, TrapConfig};
+use wildcam_sdk::protocol::{
+    CommandKind, CommandResult, DesiredConfig, OtaResult, ReportedConfig, TrapConfig,
+};
 
 pub use api_token::{ApiRole, ApiTokenInfo, CreatedApiToken, TokenHash, generate_api_token};
 pub use claim::{AllowedIdentity, ClaimTokenInfo, GeneratedClaimToken, NewClaimToken, generate_claim_token};
@@ -73,6 +77,10 @@ pub use error::StoreError;
 pub use ingest::{
     AckUpdate, BATCH_ITEMS_MAX, DetectionQuery, HealthQuery, IngestBatch, OutboxEntry, Received,
     StoredDetection, StoredHealth, UplinkWindow,
+};
+pub use ota::{
+    ChunkGrant, FirmwareRecord, NewFirmware, NewRollout, OfferGrant, ROLLOUT_TARGETS_MAX, ResultEffect,
+    ResultRecorded, RolloutAction, RolloutDevice, RolloutRecord, RolloutState, TargetState,
 };
 pub use page::{Cursor, PAGE_LIMIT_MAX, Page, PageRequest};
 pub use secret::{PasswordHash, SecretDigest, constant_time_eq};
@@ -238,9 +246,79 @@ pub trait ApiTokenStore: Send + Sync {
     fn api_token_by_hash(&self, hash: TokenHash) -> StoreFuture<'_, Option<ApiTokenInfo>>;
 }
 
+/// Firmware images and rollouts.
+pub trait OtaStore: Send + Sync {
+    /// Stores a verified firmware description; an image with the same SHA-256
+    /// and manifest returns the stored one (`false`: not new), one with
+    /// another manifest fails with [`StoreError::FirmwareConflict`].
+    fn insert_firmware(&self, firmware: NewFirmware) -> StoreFuture<'_, (FirmwareRecord, bool)>;
+
+    /// One firmware, or `None`.
+    fn get_firmware(&self, id: u32) -> StoreFuture<'_, Option<FirmwareRecord>>;
+
+    /// Firmware, newest first.
+    fn list_firmware(&self, page: PageRequest) -> StoreFuture<'_, Page<FirmwareRecord>>;
+
+    /// Creates a rollout and its targets (explicit devices, which must be
+    /// active and not of another chip, and with `all_of_chip` every active
+    /// device of the firmware's chip running an older version). Each target's
+    /// unfinished rows of older rollouts become [`TargetState::Superseded`].
+    fn create_rollout(&self, rollout: NewRollout) -> StoreFuture<'_, RolloutRecord>;
+
+    /// One rollout with its counts, or `None`.
+    fn get_rollout(&self, id: u32) -> StoreFuture<'_, Option<RolloutRecord>>;
+
+    /// Every target of a rollout, by device id.
+    fn rollout_devices(&self, id: u32) -> StoreFuture<'_, Vec<RolloutDevice>>;
+
+    /// Rollouts, newest first.
+    fn list_rollouts(&self, page: PageRequest) -> StoreFuture<'_, Page<RolloutRecord>>;
+
+    /// Pauses, resumes or aborts a rollout (aborting ends its unfinished
+    /// targets); repeating the current state is harmless.
+    fn change_rollout(&self, id: u32, action: RolloutAction) -> StoreFuture<'_, RolloutRecord>;
+
+    /// What to offer `device` now: its unfinished target if already in
+    /// flight (within `stall_ms`), or a pending one of an active rollout with
+    /// a free slot (which becomes [`TargetState::Offered`]).
+    fn grant_offer(&self, device: DeviceId, stall_ms: i64) -> StoreFuture<'_, Option<OfferGrant>>;
+
+    /// Pending targets of an active rollout that free slots allow to offer,
+    /// most recently seen first.
+    fn offer_candidates(&self, rollout_id: u32, stall_ms: i64) -> StoreFuture<'_, Vec<DeviceId>>;
+
+    /// What serving `device` chunks of `rollout_id` needs, or `None` if it is
+    /// not a target.
+    fn chunk_grant(&self, rollout_id: u32, device: DeviceId) -> StoreFuture<'_, Option<ChunkGrant>>;
+
+    /// Moves an unfinished, offered target to `state` at `offset`; `false` if
+    /// the target is not in one of `from`.
+    fn record_ota_progress(
+        &self,
+        rollout_id: u32,
+        device: DeviceId,
+        from: Vec<TargetState>,
+        state: TargetState,
+        offset: u32,
+    ) -> StoreFuture<'_, bool>;
+
+    /// Records a device's result (idempotent: the first outcome stays); a
+    /// confirmation also records the new firmware in the registry. Pauses
+    /// the rollout at its failure threshold, completes it once every target
+    /// is final.
+    fn record_ota_result(&self, device: DeviceId, result: OtaResult) -> StoreFuture<'_, ResultEffect>;
+}
+
 /// The whole storage interface.
 pub trait Store:
-    DeviceStore + ClaimStore + IngestStore + TelemetryStore + OutboxStore + ControlStore + ApiTokenStore
+    DeviceStore
+    + ClaimStore
+    + IngestStore
+    + TelemetryStore
+    + OutboxStore
+    + ControlStore
+    + ApiTokenStore
+    + OtaStore
 {
     /// Finishes queued writes, checkpoints and stops the backend. Later calls
     /// fail with [`StoreError::Closed`]. Closing twice is harmless.

@@ -30,6 +30,7 @@ mod codec;
 mod control;
 mod devices;
 mod ingest;
+mod ota;
 mod outbox;
 mod pool;
 mod schema;

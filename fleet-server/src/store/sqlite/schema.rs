@@ -217,8 +217,55 @@ ALTER TABLE devices DROP COLUMN uplink_highest;
 ALTER TABLE devices DROP COLUMN uplink_bitmap;
 "#;
 
+/// Version 3: OTA. Uploaded firmware (the image is a file in the data
+/// directory named by its SHA-256; the row holds the signed manifest),
+/// rollouts, and one row per rollout and target device.
+const V3: &str = r#"
+CREATE TABLE firmware (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256          BLOB NOT NULL UNIQUE CHECK (length(sha256) = 32),
+    size            INTEGER NOT NULL CHECK (size >= 1),
+    chip            TEXT NOT NULL,
+    fw_major        INTEGER NOT NULL,
+    fw_minor        INTEGER NOT NULL,
+    fw_patch        INTEGER NOT NULL,
+    secure_version  INTEGER NOT NULL,
+    min_battery_mv  INTEGER NOT NULL,
+    manifest        BLOB NOT NULL,  -- postcard SignedManifest, as offered
+    signing_key     BLOB NOT NULL CHECK (length(signing_key) = 32),
+    created_at_ms   INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE rollouts (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    firmware_id         INTEGER NOT NULL REFERENCES firmware (id),
+    state               TEXT NOT NULL DEFAULT 'active'
+                        CHECK (state IN ('active', 'paused', 'aborted', 'completed')),
+    pause_reason        TEXT,
+    max_in_flight       INTEGER NOT NULL CHECK (max_in_flight >= 1),
+    failure_threshold   INTEGER NOT NULL CHECK (failure_threshold >= 1),
+    created_at_ms       INTEGER NOT NULL,
+    updated_at_ms       INTEGER NOT NULL
+) STRICT;
+
+CREATE TABLE rollout_devices (
+    rollout_id      INTEGER NOT NULL REFERENCES rollouts (id),
+    device_id       TEXT NOT NULL REFERENCES devices (id),
+    state           TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'offered', 'downloading',
+                        'verifying', 'ready', 'pending_confirmation', 'confirmed', 'failed', 'rolled_back',
+                        'superseded', 'aborted')),
+    offset          INTEGER NOT NULL DEFAULT 0,
+    outcome         TEXT,           -- OtaOutcome variant name, as the device reported it
+    offers          INTEGER NOT NULL DEFAULT 0,
+    updated_at_ms   INTEGER NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+) STRICT, WITHOUT ROWID;
+CREATE INDEX rollout_devices_by_device ON rollout_devices (device_id, rollout_id);
+CREATE INDEX rollout_devices_by_state ON rollout_devices (rollout_id, state);
+"#;
+
 /// Every migration, in order; entry `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[V1, V2];
+const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this code writes.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
@@ -384,6 +431,49 @@ mod tests {
         assert_eq!(row, (17, 20, -1, Some(1234)));
         let moved = conn.prepare("SELECT acked_through FROM devices").is_err();
         assert!(moved, "the column left the devices table");
+    }
+
+    #[test]
+    fn version_3_adds_ota_to_a_version_2_database_and_keeps_its_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.execute_batch(V1).unwrap();
+        conn.execute_batch(V2).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE schema_version (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL) STRICT;
+             INSERT INTO schema_version VALUES (1, 2);
+             INSERT INTO devices (id, identity_key, mqtt_password_hash, session_key, created_at_ms, fw_major)
+             VALUES ('wc-1', zeroblob(32), zeroblob(32), zeroblob(32), 5, 3);
+             INSERT INTO device_ingest (device_id, acked_through) VALUES ('wc-1', 9);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        assert_eq!(applied_version(&conn).unwrap(), 3);
+        let kept: (u32, u32) = conn
+            .query_row(
+                "SELECT d.fw_major, i.acked_through FROM devices d JOIN device_ingest i ON i.device_id = d.id",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(kept, (3, 9));
+        conn.execute_batch(
+            "INSERT INTO firmware (sha256, size, chip, fw_major, fw_minor, fw_patch, secure_version,
+                                   min_battery_mv, manifest, signing_key, created_at_ms)
+             VALUES (zeroblob(32), 10, 'Host', 1, 0, 0, 1, 0, x'00', zeroblob(32), 1);
+             INSERT INTO rollouts (firmware_id, max_in_flight, failure_threshold, created_at_ms, updated_at_ms)
+             VALUES (1, 2, 3, 1, 1);
+             INSERT INTO rollout_devices (rollout_id, device_id, updated_at_ms) VALUES (1, 'wc-1', 1);",
+        )
+        .unwrap();
+        // Foreign keys hold: a target must be a registered device.
+        conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+        let orphan = conn.execute(
+            "INSERT INTO rollout_devices (rollout_id, device_id, updated_at_ms) VALUES (1, 'nobody', 1)",
+            [],
+        );
+        assert!(orphan.is_err());
     }
 
     #[test]
