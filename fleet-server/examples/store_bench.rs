@@ -162,7 +162,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for index in 0..batches {
         let batch = batch(index, &options, &devices, SystemClock.now_ms());
         let commit = Instant::now();
-        let acks = store.commit_batch(batch).await?;
+        let acks = store.commit_batch(batch).await?.acks;
         let took = commit.elapsed();
         busy += took;
         slowest = slowest.max(took);

@@ -333,16 +333,15 @@ impl Committer {
         let mut acks = Vec::new();
         if !pending.batch.is_empty() {
             let items = pending.batch.len();
-            let detections = pending.batch.detections.len();
             let started = Instant::now();
             let committed = self.store.commit_batch(pending.batch).await;
             // Ingest may hand over the next batch now.
             drop(permit);
             match committed {
-                Ok(updates) => {
+                Ok(committed) => {
                     self.metrics
-                        .commit(items, detections, started.elapsed().as_secs_f64());
-                    acks = updates;
+                        .commit(items, committed.detections_stored, started.elapsed().as_secs_f64());
+                    acks = committed.acks;
                 }
                 Err(error) => {
                     tracing::error!(%error, items, "ingest commit failed");

@@ -281,7 +281,7 @@ impl Metrics {
         counter(
             &mut out,
             "wildcam_detections_stored_total",
-            "Detections committed (resends counted once).",
+            "Detections stored (resends of stored ones not counted).",
             load(&self.detections_stored),
         );
         counter(&mut out, "wildcam_acks_sent_total", "Acks published after a commit.", load(&self.acks_sent));

@@ -171,28 +171,17 @@ async fn all_detections(store: &SqliteStore, mut query: DetectionQuery) -> Vec<S
 async fn resends_are_stored_once_and_acked_again() {
     let f = fixture_with(&["aws"]).await;
     let cam = register(&f.store, "cam-1", 1).await;
-    assert_eq!(
-        f.store
-            .commit_batch(detections(&cam, &[1, 2]))
-            .await
-            .unwrap(),
-        [ack(&cam, 2)]
-    );
+    let commit = |seqs: &'static [u32]| f.store.commit_batch(detections(&cam, seqs));
+    let first = commit(&[1, 2]).await.unwrap();
+    assert_eq!(first.acks, [ack(&cam, 2)]);
+    assert_eq!(first.detections_stored, 2);
     // 2 is resent alongside 3; then the whole batch is resent.
-    assert_eq!(
-        f.store
-            .commit_batch(detections(&cam, &[2, 3]))
-            .await
-            .unwrap(),
-        [ack(&cam, 3)]
-    );
-    assert_eq!(
-        f.store
-            .commit_batch(detections(&cam, &[2, 3]))
-            .await
-            .unwrap(),
-        [ack(&cam, 3)]
-    );
+    let second = commit(&[2, 3]).await.unwrap();
+    assert_eq!(second.acks, [ack(&cam, 3)]);
+    assert_eq!(second.detections_stored, 1, "the resend is not counted");
+    let resent = commit(&[2, 3]).await.unwrap();
+    assert_eq!(resent.acks, [ack(&cam, 3)]);
+    assert_eq!(resent.detections_stored, 0);
     let stored = all_detections(&f.store, DetectionQuery::default()).await;
     assert_eq!(stored.iter().map(|d| d.detection.seq).collect::<Vec<_>>(), [1, 2, 3]);
     // One outbox row per stored detection, none for resends.
@@ -212,10 +201,18 @@ async fn acked_through_is_the_highest_contiguous_sequence() {
         f.store
             .commit_batch(detections(&cam, &[4, 1, 2]))
             .await
-            .unwrap(),
+            .unwrap()
+            .acks,
         [ack(&cam, 2)]
     );
-    assert_eq!(f.store.commit_batch(detections(&cam, &[3])).await.unwrap(), [ack(&cam, 4)]);
+    assert_eq!(
+        f.store
+            .commit_batch(detections(&cam, &[3]))
+            .await
+            .unwrap()
+            .acks,
+        [ack(&cam, 4)]
+    );
     assert_eq!(
         f.store
             .get_device(cam)
@@ -235,13 +232,21 @@ async fn hello_queue_floor_moves_the_ack_past_dropped_sequences() {
         f.store
             .commit_batch(detections(&cam, &[1, 2, 6]))
             .await
-            .unwrap(),
+            .unwrap()
+            .acks,
         [ack(&cam, 2)]
     );
     // The trap dropped 3 and 4: its floor is 5.
     let batch = IngestBatch { hellos: vec![received(&cam, hello(&cam, 5, 7))], ..IngestBatch::default() };
-    assert_eq!(f.store.commit_batch(batch).await.unwrap(), [ack(&cam, 4)]);
-    assert_eq!(f.store.commit_batch(detections(&cam, &[5])).await.unwrap(), [ack(&cam, 6)]);
+    assert_eq!(f.store.commit_batch(batch).await.unwrap().acks, [ack(&cam, 4)]);
+    assert_eq!(
+        f.store
+            .commit_batch(detections(&cam, &[5]))
+            .await
+            .unwrap()
+            .acks,
+        [ack(&cam, 6)]
+    );
     let device = f.store.get_device(cam).await.unwrap().unwrap();
     assert_eq!((device.queue_floor, device.queue_next), (5, 7));
     let info = device.info.unwrap();
@@ -308,7 +313,14 @@ async fn a_failed_commit_stores_nothing_of_the_batch() {
         ReplayWindow::new()
     );
     // The writer goes on.
-    assert_eq!(f.store.commit_batch(detections(&cam, &[1])).await.unwrap(), [ack(&cam, 1)]);
+    assert_eq!(
+        f.store
+            .commit_batch(detections(&cam, &[1]))
+            .await
+            .unwrap()
+            .acks,
+        [ack(&cam, 1)]
+    );
 }
 
 #[tokio::test]
@@ -321,7 +333,7 @@ async fn batch_writes_health_windows_and_last_seen() {
         ..IngestBatch::default()
     };
     // Health and windows alone are stored but not acked.
-    assert_eq!(f.store.commit_batch(batch).await.unwrap(), []);
+    assert_eq!(f.store.commit_batch(batch).await.unwrap().acks, []);
     // A window committed late (older) is merged, never rolls back.
     let older = UplinkWindow { device_id: cam.clone(), window: ReplayWindow::from_parts(9, 1) };
     f.store
@@ -366,6 +378,7 @@ async fn oversized_and_invalid_batches_are_refused() {
             .commit_batch(IngestBatch::default())
             .await
             .unwrap()
+            .acks
             .is_empty()
     );
 }

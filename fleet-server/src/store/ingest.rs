@@ -65,6 +65,16 @@ impl IngestBatch {
     }
 }
 
+/// What a committed batch did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BatchCommitted {
+    /// Per device that had a detection or a hello in the batch, the highest
+    /// contiguous sequence stored.
+    pub acks: Vec<AckUpdate>,
+    /// Detections stored by this batch (resends of stored ones not counted).
+    pub detections_stored: usize,
+}
+
 /// The ack to publish to a device after a commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct AckUpdate {

@@ -75,8 +75,8 @@ pub use device::{
 };
 pub use error::StoreError;
 pub use ingest::{
-    AckUpdate, BATCH_ITEMS_MAX, DetectionQuery, HealthQuery, IngestBatch, OutboxEntry, Received,
-    StoredDetection, StoredHealth, UplinkWindow,
+    AckUpdate, BATCH_ITEMS_MAX, BatchCommitted, DetectionQuery, HealthQuery, IngestBatch, OutboxEntry,
+    Received, StoredDetection, StoredHealth, UplinkWindow,
 };
 pub use ota::{
     ChunkGrant, FirmwareRecord, NewFirmware, NewRollout, OfferGrant, ROLLOUT_TARGETS_MAX, ResultEffect,
@@ -172,13 +172,14 @@ pub trait ClaimStore: Send + Sync {
 pub trait IngestStore: Send + Sync {
     /// Commits `batch` in one transaction and returns, per device that had a
     /// detection or a hello in it, the highest contiguous sequence stored
-    /// (also when unchanged, so resends are acked again). Acks may be sent
-    /// once this returns: everything is durable.
+    /// (also when unchanged, so resends are acked again), and how many
+    /// detections were new. Acks may be sent once this returns: everything
+    /// is durable.
     ///
     /// Detections are deduplicated on (device, sequence); a newly stored one
     /// gets an outbox row per configured destination in the same
     /// transaction. On any error nothing of the batch is stored.
-    fn commit_batch(&self, batch: IngestBatch) -> StoreFuture<'_, Vec<AckUpdate>>;
+    fn commit_batch(&self, batch: IngestBatch) -> StoreFuture<'_, BatchCommitted>;
 }
 
 /// Reads of stored telemetry for the API.

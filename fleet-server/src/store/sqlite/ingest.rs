@@ -11,7 +11,9 @@ use wildcam_sdk::seal::ReplayWindow;
 use super::SqliteStore;
 use super::codec::{bitmap_from_sql, bitmap_to_sql, enum_text, first, to_json};
 use crate::store::ingest::merge_windows;
-use crate::store::{AckUpdate, IngestBatch, IngestStore, Received, StoreError, StoreFuture, UnixMillis};
+use crate::store::{
+    AckUpdate, BatchCommitted, IngestBatch, IngestStore, Received, StoreError, StoreFuture, UnixMillis,
+};
 
 /// What the batch changes for one device, applied once at the end.
 #[derive(Debug)]
@@ -94,8 +96,9 @@ fn commit(
     now: UnixMillis,
     batch: &IngestBatch,
     destinations: &[String],
-) -> Result<Vec<AckUpdate>, StoreError> {
+) -> Result<BatchCommitted, StoreError> {
     let mut devices = Devices::default();
+    let mut detections_stored = 0;
     for hello in &batch.hellos {
         let state = devices.get(tx, &hello.device_id)?;
         apply_hello(tx, hello)?;
@@ -107,6 +110,7 @@ fn commit(
         let state = devices.get(tx, &detection.device_id)?;
         if insert_detection(tx, detection)? {
             insert_outbox(tx, now, detection, destinations)?;
+            detections_stored += 1;
         }
         state.seen(detection.received_at_ms);
         state.acked_in_reply = true;
@@ -121,7 +125,8 @@ fn commit(
         let state = devices.get(tx, &update.device_id)?;
         state.window = merge_windows(state.window, update.window);
     }
-    finish_devices(tx, devices)
+    let acks = finish_devices(tx, devices)?;
+    Ok(BatchCommitted { acks, detections_stored })
 }
 
 /// Advances each device's contiguous ack, writes its state, returns the acks.
@@ -313,11 +318,11 @@ fn insert_health(tx: &Connection, received: &Received<Health>) -> Result<(), Sto
 }
 
 impl IngestStore for SqliteStore {
-    fn commit_batch(&self, batch: IngestBatch) -> StoreFuture<'_, Vec<AckUpdate>> {
+    fn commit_batch(&self, batch: IngestBatch) -> StoreFuture<'_, BatchCommitted> {
         Box::pin(async move {
             validate(&batch)?;
             if batch.is_empty() {
-                return Ok(Vec::new());
+                return Ok(BatchCommitted::default());
             }
             let destinations = std::sync::Arc::clone(&self.destinations);
             self.write(move |tx, now| commit(tx, now, &batch, &destinations))
