@@ -70,8 +70,16 @@ pub trait BootControl: Restart {
     /// Which image runs, given the record persisted before the switch
     /// (phase pending confirmation or a self-test failure): the update it
     /// installed, or the previous image (the bootloader rolled back, or the
-    /// switch never happened).
-    fn booted_image(&mut self, record: &OtaRecord) -> BootedImage;
+    /// switch never happened). By default: the update when the running
+    /// version is the manifest's (offers of the running version are refused,
+    /// so only the update can have it).
+    fn booted_image(&mut self, record: &OtaRecord) -> BootedImage {
+        if self.running_version() == record.manifest.manifest.version {
+            BootedImage::Updated
+        } else {
+            BootedImage::Previous
+        }
+    }
 
     /// Makes the inactive slot, which holds the verified image of `record`,
     /// the boot slot in state "new" (pending verification: the bootloader

@@ -22,7 +22,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use wildcam_firmware_app::{BootControl, Restart};
-use wildcam_sdk::ota::{BootedImage, OtaRecord};
+use wildcam_sdk::ota::OtaRecord;
 use wildcam_sdk::protocol::{FirmwareVersion, ResetReason};
 
 use crate::sim::ExecRestart;
@@ -256,14 +256,6 @@ impl BootControl for HostBoot {
         self.data.versions[self.running].unwrap_or(self.own_version)
     }
 
-    fn booted_image(&mut self, record: &OtaRecord) -> BootedImage {
-        if self.running_version() == record.manifest.manifest.version {
-            BootedImage::Updated
-        } else {
-            BootedImage::Previous
-        }
-    }
-
     fn activate_update(&mut self, record: &OtaRecord) -> Result<(), Self::Error> {
         let slot = self.inactive_slot();
         self.data.selected = slot;
@@ -305,6 +297,8 @@ impl BootControl for HostBoot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use wildcam_sdk::ota::BootedImage;
 
     const OWN: FirmwareVersion = FirmwareVersion { major: 0, minor: 1, patch: 0 };
 

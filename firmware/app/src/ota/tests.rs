@@ -139,14 +139,6 @@ impl BootControl for RamBoot {
         self.versions[self.running]
     }
 
-    fn booted_image(&mut self, record: &OtaRecord) -> BootedImage {
-        if self.running_version() == record.manifest.manifest.version {
-            BootedImage::Updated
-        } else {
-            BootedImage::Previous
-        }
-    }
-
     fn activate_update(&mut self, record: &OtaRecord) -> Result<(), ()> {
         self.activations += 1;
         self.selected = 1 - self.running;
@@ -216,13 +208,19 @@ impl Device {
     }
 }
 
-/// Starts the driver on `device`; returns it and the step `start` gave.
-fn start<'d>(
-    trap: &mut TestTrap,
-    boot: &'d mut RamBoot,
-    slot: &'d mut Slot<'d>,
-) -> (Ota<'d, RamBoot, Slot<'d>>, OtaStep) {
-    Ota::start(trap, boot, slot)
+type TestOta<'d> = Ota<'d, RamBoot, Slot<'d>>;
+
+/// Starts the driver on `device` (one boot) and hands it to `run` with the
+/// trap, the server and what the server received.
+fn with_ota<R>(
+    device: &mut Device,
+    run: impl FnOnce(&mut TestOta<'_>, &mut TestTrap, &mut Server, &mut Vec<Uplink>) -> R,
+) -> R {
+    let Device { trap, server, boot, flash, uplinks } = device;
+    let mut slot = slot_for(flash, boot);
+    let (mut ota, started) = Ota::start(trap, boot, &mut slot);
+    assert!(started.is_empty(), "nothing to do before connecting");
+    run(&mut ota, trap, server, uplinks)
 }
 
 fn slot_for<'f>(flash: &'f RefCell<Flash>, boot: &RamBoot) -> Slot<'f> {
@@ -248,7 +246,7 @@ fn publish(trap: &mut TestTrap, server: &mut Server, step: &OtaStep, uplinks: &m
 
 /// Delivers a sealed OTA downlink through the trap to the driver.
 fn downlink(
-    ota: &mut Ota<'_, RamBoot, Slot<'_>>,
+    ota: &mut TestOta<'_>,
     trap: &mut TestTrap,
     server: &mut Server,
     message: &Downlink,
@@ -296,7 +294,7 @@ fn requested_offsets(uplinks: &[Uplink]) -> Vec<u32> {
 /// Serves chunks until the step stops asking or `limit` chunks went out;
 /// returns the last step.
 fn serve(
-    ota: &mut Ota<'_, RamBoot, Slot<'_>>,
+    ota: &mut TestOta<'_>,
     trap: &mut TestTrap,
     server: &mut Server,
     image: &[u8],
@@ -314,20 +312,18 @@ fn serve(
 /// Runs one boot: start the driver, connect, run the self-test; returns the
 /// device after the boot's steps, with the step of the connection.
 fn boot_and_connect(device: &mut Device) -> OtaStep {
-    let Device { trap, server, boot, flash, uplinks } = device;
-    let mut slot = slot_for(flash, boot);
-    let (mut ota, started) = Ota::start(trap, boot, &mut slot);
-    assert!(!started.restart);
-    let tested = ota.on_server_reached(trap).unwrap();
-    if tested.restart {
-        return tested;
-    }
-    let step = ota.on_connected();
-    publish(trap, server, &step, uplinks);
-    if step.result.is_some() {
-        ota.result_delivered(trap).unwrap();
-    }
-    step
+    with_ota(device, |ota, trap, server, uplinks| {
+        let tested = ota.on_server_reached(trap).unwrap();
+        if tested.restart {
+            return tested;
+        }
+        let step = ota.on_connected();
+        publish(trap, server, &step, uplinks);
+        if step.result.is_some() {
+            ota.result_delivered(trap).unwrap();
+        }
+        step
+    })
 }
 
 #[test]
@@ -338,21 +334,17 @@ fn a_full_update_downloads_verifies_activates_and_confirms() {
     let hello = device.trap.on_connected().unwrap();
     assert!(hello.capabilities.contains(Capabilities::OTA));
     assert_eq!((hello.firmware, hello.secure_version), (FACTORY, 1));
-    {
-        let Device { trap, server, boot, flash, uplinks } = &mut device;
-        let mut slot = slot_for(flash, boot);
-        let (mut ota, started) = start(trap, boot, &mut slot);
-        assert!(started.is_empty());
+    with_ota(&mut device, |ota, trap, server, uplinks| {
         assert!(ota.on_connected().is_empty());
-        let step = downlink(&mut ota, trap, server, &offer(7, manifest(&image), 1_000), uplinks);
+        let step = downlink(ota, trap, server, &offer(7, manifest(&image), 1_000), uplinks);
         assert_eq!(step.request, Some(ChunkRequest { rollout_id: 7, offset: 0, len: 1_000 }));
-        let last = serve(&mut ota, trap, server, &image, step, 100, uplinks);
+        let last = serve(ota, trap, server, &image, step, 100, uplinks);
         assert!(last.restart, "verified and activated: restart");
         assert_eq!(last.progress.map(|p| p.state), Some(OtaStateKind::ReadyToReboot));
         assert_eq!(requested_offsets(uplinks), (0..41).map(|i| i * 1_000).collect::<Vec<_>>());
-        assert_eq!(boot.activations, 1);
         assert_eq!(trap.ota_state().record.as_ref().unwrap().phase, OtaPhase::PendingConfirmation);
-    }
+    });
+    assert_eq!(device.boot.activations, 1);
     assert_eq!(device.slot_contents(image.len()), image, "the inactive slot holds the image");
     // Each sector of the slot was erased once: 40,003 bytes span 10 sectors.
     assert_eq!(device.flash.borrow().counts().erases, 10);
@@ -377,16 +369,13 @@ fn a_full_update_downloads_verifies_activates_and_confirms() {
 fn a_power_cut_mid_download_resumes_from_the_persisted_offset() {
     let image = image(50_000);
     let mut device = Device::new();
-    {
-        let Device { trap, server, boot, flash, uplinks } = &mut device;
-        let mut slot = slot_for(flash, boot);
-        let (mut ota, _) = start(trap, boot, &mut slot);
-        let step = downlink(&mut ota, trap, server, &offer(9, manifest(&image), 1_024), uplinks);
+    with_ota(&mut device, |ota, trap, server, uplinks| {
+        let step = downlink(ota, trap, server, &offer(9, manifest(&image), 1_024), uplinks);
         // 20 chunks written (20 KiB); the record was last persisted at 16 KiB.
-        let step = serve(&mut ota, trap, server, &image, step, 20, uplinks);
+        let step = serve(ota, trap, server, &image, step, 20, uplinks);
         assert_eq!(step.request.unwrap().offset, 20 * 1_024);
         assert_eq!(trap.ota_state().record.as_ref().unwrap().offset, PERSIST_EVERY);
-    }
+    });
     // Power is cut; the first connection after the reboot asks for the
     // chunk at the persisted offset, not 0.
     let mut device = device.power_cycle();
@@ -394,15 +383,12 @@ fn a_power_cut_mid_download_resumes_from_the_persisted_offset() {
     let step = boot_and_connect(&mut device);
     assert_eq!(step.request.map(|r| r.offset), Some(PERSIST_EVERY));
     assert_eq!(step.progress.map(|p| (p.offset, p.state)), Some((PERSIST_EVERY, OtaStateKind::Downloading)));
-    {
-        let Device { trap, server, boot, flash, uplinks } = &mut device;
-        let mut slot = slot_for(flash, boot);
-        let (mut ota, _) = start(trap, boot, &mut slot);
+    with_ota(&mut device, |ota, trap, server, uplinks| {
         let connected = ota.on_connected();
-        let last = serve(&mut ota, trap, server, &image, connected, 100, uplinks);
+        let last = serve(ota, trap, server, &image, connected, 100, uplinks);
         assert!(last.restart, "the resumed image verified");
         assert_eq!(requested_offsets(uplinks).first(), Some(&PERSIST_EVERY));
-    }
+    });
     let mut device = device.power_cycle();
     let step = boot_and_connect(&mut device);
     assert_eq!(step.result.map(|r| r.outcome), Some(OtaOutcome::Confirmed));
@@ -412,37 +398,35 @@ fn a_power_cut_mid_download_resumes_from_the_persisted_offset() {
 fn bad_offers_are_refused_and_reported() {
     let image = image(5_000);
     let mut device = Device::new();
-    let Device { trap, server, boot, flash, uplinks } = &mut device;
-    let mut slot = slot_for(flash, boot);
-    let (mut ota, _) = start(trap, boot, &mut slot);
-
-    let forged = Downlink::OtaOffer(OtaOffer {
-        rollout_id: 1,
-        manifest: sign(manifest(&image), [0x13; 32]),
-        chunk_len: 1_024,
+    with_ota(&mut device, |ota, trap, server, uplinks| {
+        let forged = Downlink::OtaOffer(OtaOffer {
+            rollout_id: 1,
+            manifest: sign(manifest(&image), [0x13; 32]),
+            chunk_len: 1_024,
+        });
+        let other_chip = offer(2, Manifest { chip: Chip::Esp32c3, ..manifest(&image) }, 1_024);
+        let not_newer = offer(3, Manifest { version: FACTORY, ..manifest(&image) }, 1_024);
+        let downgrade = offer(4, Manifest { secure_version: 0, ..manifest(&image) }, 1_024);
+        let too_large = offer(5, Manifest { image_size: SLOT_LEN + 1, ..manifest(&image) }, 1_024);
+        for message in [forged, other_chip, not_newer, downgrade, too_large] {
+            let step = downlink(ota, trap, server, &message, uplinks);
+            assert_eq!(step.request, None);
+            assert!(!step.restart);
+        }
+        assert_eq!(
+            results(uplinks),
+            [
+                (1, OtaOutcome::SignatureInvalid),
+                (2, OtaOutcome::WrongChip),
+                (3, OtaOutcome::NotNewer),
+                (4, OtaOutcome::Downgrade),
+                (5, OtaOutcome::ImageTooLarge),
+            ]
+        );
+        assert_eq!(ota.state(), OtaStateKind::Idle);
+        assert_eq!(trap.ota_state().record, None, "refusals persist nothing");
     });
-    let other_chip = offer(2, Manifest { chip: Chip::Esp32c3, ..manifest(&image) }, 1_024);
-    let not_newer = offer(3, Manifest { version: FACTORY, ..manifest(&image) }, 1_024);
-    let downgrade = offer(4, Manifest { secure_version: 0, ..manifest(&image) }, 1_024);
-    let too_large = offer(5, Manifest { image_size: SLOT_LEN + 1, ..manifest(&image) }, 1_024);
-    for message in [forged, other_chip, not_newer, downgrade, too_large] {
-        let step = downlink(&mut ota, trap, server, &message, uplinks);
-        assert_eq!(step.request, None);
-        assert!(!step.restart);
-    }
-    assert_eq!(
-        results(uplinks),
-        [
-            (1, OtaOutcome::SignatureInvalid),
-            (2, OtaOutcome::WrongChip),
-            (3, OtaOutcome::NotNewer),
-            (4, OtaOutcome::Downgrade),
-            (5, OtaOutcome::ImageTooLarge),
-        ]
-    );
-    assert_eq!(ota.state(), OtaStateKind::Idle);
-    assert_eq!(trap.ota_state().record, None, "refusals persist nothing");
-    assert_eq!(flash.borrow().counts().writes, 0, "nor write anything");
+    assert_eq!(device.flash.borrow().counts().writes, 0, "nor write anything");
 }
 
 #[test]
@@ -472,11 +456,10 @@ fn a_trap_without_a_signing_key_refuses_every_offer() {
 /// Downloads `image` as rollout `rollout_id` and leaves the device switched
 /// to it, not yet restarted.
 fn install(device: &mut Device, rollout_id: u32, image: &[u8]) {
-    let Device { trap, server, boot, flash, uplinks } = device;
-    let mut slot = slot_for(flash, boot);
-    let (mut ota, _) = start(trap, boot, &mut slot);
-    let step = downlink(&mut ota, trap, server, &offer(rollout_id, manifest(image), 1_024), uplinks);
-    assert!(serve(&mut ota, trap, server, image, step, 100, uplinks).restart);
+    with_ota(device, |ota, trap, server, uplinks| {
+        let step = downlink(ota, trap, server, &offer(rollout_id, manifest(image), 1_024), uplinks);
+        assert!(serve(ota, trap, server, image, step, 100, uplinks).restart);
+    });
 }
 
 #[test]
@@ -511,12 +494,7 @@ fn an_update_that_never_confirms_is_rolled_back_by_the_bootloader() {
     install(&mut device, 12, &image);
     // The new image boots and dies before its self-test (killed, hung).
     let mut device = device.power_cycle();
-    {
-        let Device { trap, boot, flash, .. } = &mut device;
-        let mut slot = slot_for(flash, boot);
-        let (ota, _) = start(trap, boot, &mut slot);
-        assert!(ota.awaiting_self_test());
-    }
+    with_ota(&mut device, |ota, _, _, _| assert!(ota.awaiting_self_test()));
     let mut device = device.power_cycle();
     assert_eq!(device.boot.running_version(), FACTORY);
     let step = boot_and_connect(&mut device);
@@ -529,17 +507,14 @@ fn a_result_is_reported_again_until_delivered() {
     let mut device = Device::new();
     install(&mut device, 13, &image);
     let mut device = device.power_cycle();
-    {
-        let Device { trap, server, boot, flash, uplinks } = &mut device;
-        let mut slot = slot_for(flash, boot);
-        let (mut ota, _) = start(trap, boot, &mut slot);
+    with_ota(&mut device, |ota, trap, server, uplinks| {
         let tested = ota.on_server_reached(trap).unwrap();
         assert_eq!(tested.result.map(|r| r.outcome), Some(OtaOutcome::Confirmed));
         let step = ota.on_connected();
         publish(trap, server, &step, uplinks);
         assert_eq!(step.result.map(|r| r.outcome), Some(OtaOutcome::Confirmed));
         // The connection drops before the broker's PUBACK.
-    }
+    });
     let mut device = device.power_cycle();
     assert_eq!(device.boot.state, SlotState::Valid, "confirmed before the result went out");
     let step = boot_and_connect(&mut device);
@@ -551,46 +526,44 @@ fn a_result_is_reported_again_until_delivered() {
 fn detections_are_sent_and_acked_during_a_download() {
     let image = image(12_000);
     let mut device = Device::new();
-    let Device { trap, server, boot, flash, uplinks } = &mut device;
-    let mut slot = slot_for(flash, boot);
-    let (mut ota, _) = start(trap, boot, &mut slot);
-    let mut step = downlink(&mut ota, trap, server, &offer(21, manifest(&image), 1_024), uplinks);
-    let mut acked = 0;
-    while let Some(request) = step.request {
-        // A burst between two chunks: queued, sent, acked.
-        trap.record_detection(&capture(0)).unwrap();
-        let sent = drain(trap, server);
-        assert_eq!(sent.len(), 1);
-        let reaction = deliver(trap, server, &Downlink::Ack(Ack { through: sent[0].seq }));
-        acked += reaction.released;
-        step = downlink(&mut ota, trap, server, &chunk_for(request, &image), uplinks);
-    }
-    assert!(step.restart);
-    assert_eq!(acked, 12);
-    assert_eq!(trap.queue_stats().len, 0);
+    with_ota(&mut device, |ota, trap, server, uplinks| {
+        let mut step = downlink(ota, trap, server, &offer(21, manifest(&image), 1_024), uplinks);
+        let mut acked = 0;
+        while let Some(request) = step.request {
+            // A burst between two chunks: queued, sent, acked.
+            trap.record_detection(&capture(0)).unwrap();
+            let sent = drain(trap, server);
+            assert_eq!(sent.len(), 1);
+            let reaction = deliver(trap, server, &Downlink::Ack(Ack { through: sent[0].seq }));
+            acked += reaction.released;
+            step = downlink(ota, trap, server, &chunk_for(request, &image), uplinks);
+        }
+        assert!(step.restart);
+        assert_eq!(acked, 12);
+        assert_eq!(trap.queue_stats().len, 0);
+    });
 }
 
 #[test]
 fn stale_and_foreign_chunks_are_ignored_and_gaps_asked_again() {
     let image = image(6_000);
     let mut device = Device::new();
-    let Device { trap, server, boot, flash, uplinks } = &mut device;
-    let mut slot = slot_for(flash, boot);
-    let (mut ota, _) = start(trap, boot, &mut slot);
-    let step = downlink(&mut ota, trap, server, &offer(31, manifest(&image), 1_024), uplinks);
-    let first = step.request.unwrap();
-    let step = downlink(&mut ota, trap, server, &chunk_for(first, &image), uplinks);
-    let second = step.request.unwrap();
-    // A duplicate of the first chunk: ignored.
-    assert!(downlink(&mut ota, trap, server, &chunk_for(first, &image), uplinks).is_empty());
-    // Another rollout's chunk: ignored.
-    let foreign = ChunkRequest { rollout_id: 99, ..second };
-    assert!(downlink(&mut ota, trap, server, &chunk_for(foreign, &image), uplinks).is_empty());
-    // A chunk past the one wanted: ask again for the one wanted.
-    let ahead = ChunkRequest { offset: second.offset + 1_024, ..second };
-    let step = downlink(&mut ota, trap, server, &chunk_for(ahead, &image), uplinks);
-    assert_eq!(step.request, Some(second));
-    assert_eq!(ota.chunk_request(), Some(second));
+    with_ota(&mut device, |ota, trap, server, uplinks| {
+        let step = downlink(ota, trap, server, &offer(31, manifest(&image), 1_024), uplinks);
+        let first = step.request.unwrap();
+        let step = downlink(ota, trap, server, &chunk_for(first, &image), uplinks);
+        let second = step.request.unwrap();
+        // A duplicate of the first chunk: ignored.
+        assert!(downlink(ota, trap, server, &chunk_for(first, &image), uplinks).is_empty());
+        // Another rollout's chunk: ignored.
+        let foreign = ChunkRequest { rollout_id: 99, ..second };
+        assert!(downlink(ota, trap, server, &chunk_for(foreign, &image), uplinks).is_empty());
+        // A chunk past the one wanted: ask again for the one wanted.
+        let ahead = ChunkRequest { offset: second.offset + 1_024, ..second };
+        let step = downlink(ota, trap, server, &chunk_for(ahead, &image), uplinks);
+        assert_eq!(step.request, Some(second));
+        assert_eq!(ota.chunk_request(), Some(second));
+    });
 }
 
 #[test]
