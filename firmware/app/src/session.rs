@@ -600,14 +600,12 @@ where
             self.publish(mqtt, &Uplink::OtaProgress(progress), frame)
                 .await?;
         }
-        match step.request {
-            Some(request) => {
-                self.publish(mqtt, &Uplink::OtaChunkRequest(request), frame)
-                    .await?;
-                timers.ota_due = Some(Instant::now() + OTA_REQUEST_TIMEOUT);
-            }
-            None if step.restart || step.result.is_some() => timers.ota_due = None,
-            None => {}
+        // Without a new request the timer stays: it lapses harmlessly once
+        // nothing is wanted any more.
+        if let Some(request) = step.request {
+            self.publish(mqtt, &Uplink::OtaChunkRequest(request), frame)
+                .await?;
+            timers.ota_due = Some(Instant::now() + OTA_REQUEST_TIMEOUT);
         }
         if !step.is_empty() {
             timers.last_sent = Instant::now();
