@@ -2,6 +2,7 @@
 
 use core::fmt;
 
+use wildcam_sdk::ota::OtaError;
 use wildcam_sdk::protocol::ProtocolError;
 use wildcam_sdk::provision::ProvisionError;
 use wildcam_sdk::queue::QueueError;
@@ -33,6 +34,8 @@ pub enum TrapError {
     TopicMismatch,
     /// A provisioning step failed.
     Provision(ProvisionError),
+    /// An OTA step was refused.
+    Ota(OtaError),
 }
 
 impl fmt::Display for TrapError {
@@ -47,6 +50,7 @@ impl fmt::Display for TrapError {
             Self::Topic(error) => write!(f, "topic: {error}"),
             Self::TopicMismatch => f.write_str("message arrived on a topic that is not its route"),
             Self::Provision(error) => write!(f, "provisioning: {error}"),
+            Self::Ota(error) => write!(f, "OTA: {error}"),
         }
     }
 }

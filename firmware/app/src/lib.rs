@@ -9,6 +9,7 @@ pub mod capture;
 pub mod error;
 pub mod hardware;
 pub mod mqtt;
+pub mod ota;
 pub mod schedule;
 pub mod session;
 pub mod settings;
@@ -23,6 +24,7 @@ pub use hardware::{
     BatteryGauge, Camera, Classifier, ClassifierVerdict, Clock, Entropy, FrameSink, MotionSensor,
     NoClassifier, PowerReading, Restart,
 };
+pub use ota::{BootControl, NorFlashSlot, Ota};
 pub use schedule::Connectivity;
 pub use session::{NetworkHardware, NetworkSettings};
 pub use shared::Shared;

@@ -88,6 +88,8 @@ pub enum Incoming {
     },
     /// A SUBACK.
     Subscribed,
+    /// A PUBACK: the broker took the publish with this packet identifier.
+    Acknowledged(u16),
     /// Anything else (PUBACK, PINGRESP, ...).
     Other,
 }
@@ -164,14 +166,15 @@ impl<'c, N: Transport> Mqtt<'c, N> {
         usize::from(self.client.session().active_outbound_publishes())
     }
 
-    /// Publishes `payload` on `topic` at QoS 1.
-    pub async fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<(), LinkError> {
+    /// Publishes `payload` on `topic` at QoS 1; returns its packet
+    /// identifier (its PUBACK arrives as [`Incoming::Acknowledged`]).
+    pub async fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<u16, LinkError> {
         let topic = MqttString::try_from(topic).map_err(|_| LinkError::Encoding)?;
         let topic = TopicName::new(topic).ok_or(LinkError::Encoding)?;
         let options = PublicationOptions::new(TopicReference::Name(topic)).at_least_once();
         let sent = with_timeout(ANSWER_TIMEOUT, self.client.publish(&options, Bytes::from(payload))).await;
         match sent {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(packet)) => Ok(packet.map_or(0, |id| id.get().get())),
             Ok(Err(error)) => Err(link_error(&error)),
             Err(_) => Err(LinkError::Timeout),
         }
@@ -249,6 +252,9 @@ fn own_event<const S: usize, const P: usize>(
             Ok(Incoming::Publish { topic, len: message.len() })
         }
         Event::Suback(_) => Ok(Incoming::Subscribed),
+        Event::PublishAcknowledged(puback) => {
+            Ok(Incoming::Acknowledged(puback.packet_identifier.get().get()))
+        }
         _ => Ok(Incoming::Other),
     }
 }

@@ -1,7 +1,18 @@
 //! The network loop: claim the trap if it has no credentials, then connect
 //! as itself, say hello, send health and queued detections, and answer what
-//! the server sends (acks, configuration, commands). Reconnects with jittered
-//! backoff; under [`Connectivity::CheckIn`] it sleeps between check-ins.
+//! the server sends (acks, configuration, commands, OTA offers and chunks).
+//! Reconnects with jittered backoff; under [`Connectivity::CheckIn`] it
+//! sleeps between check-ins.
+//!
+//! # OTA
+//!
+//! Chunks arrive as ordinary downlinks, one at a time: each one accepted is
+//! answered with the next request, and queued detections go out between
+//! them, so a download never starves the queue. A request unanswered for
+//! [`OTA_REQUEST_TIMEOUT`] is sent again, at most [`OTA_REQUEST_RETRIES`]
+//! times; then the connection is dropped and the usual backoff applies
+//! (the next connection asks again from the same offset). A result counts
+//! as delivered once the broker acknowledges its publish.
 
 use core::convert::Infallible;
 use core::fmt;
@@ -13,6 +24,7 @@ use embassy_time::{Duration, Instant, Timer, with_timeout};
 use rust_mqtt::buffer::BumpBuffer;
 use rust_mqtt::io::Transport;
 use wildcam_sdk::backoff::{Backoff, BackoffConfig};
+use wildcam_sdk::ota::OtaSlot;
 use wildcam_sdk::protocol::{ProvisionDown, ProvisionUp, Trigger, Uplink};
 use wildcam_sdk::provision::{ClaimRejectReason, ClaimToken};
 use wildcam_sdk::queue::QueueStore;
@@ -20,8 +32,9 @@ use wildcam_sdk::seal::SEAL_OVERHEAD;
 use wildcam_sdk::topic::{self, Direction, Topic};
 
 use crate::error::TrapError;
-use crate::hardware::{BatteryGauge, Clock, Entropy, Restart};
+use crate::hardware::{BatteryGauge, Clock, Entropy};
 use crate::mqtt::{self, Incoming, LinkError, Login, Mqtt};
+use crate::ota::{BootControl, Ota, OtaStep, SELF_TEST_TIMEOUT};
 use crate::schedule::{self, Connectivity};
 use crate::shared::Shared;
 use crate::storage::{StateStore, StoredCredentials};
@@ -34,6 +47,11 @@ pub const DEFAULT_MQTT5_PORT: u16 = 18831;
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest wait for each provisioning answer.
 pub const CLAIM_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a requested OTA chunk before asking again.
+pub const OTA_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Times an unanswered chunk request is sent again before the connection is
+/// dropped (and retried with backoff).
+pub const OTA_REQUEST_RETRIES: u8 = 3;
 /// Free MQTT in-flight slots kept for hello, health and replies.
 const RESERVED_PUBLISH_SLOTS: usize = 4;
 /// TCP buffer sizes, each way.
@@ -74,6 +92,8 @@ pub enum SessionError {
     ClaimTokenInvalid,
     /// The server's host name did not resolve.
     Resolve,
+    /// OTA chunk requests went unanswered.
+    OtaStalled,
 }
 
 impl fmt::Display for SessionError {
@@ -84,6 +104,7 @@ impl fmt::Display for SessionError {
             Self::ClaimRejected(reason) => write!(f, "claim rejected: {reason}"),
             Self::ClaimTokenInvalid => f.write_str("the claim token is malformed"),
             Self::Resolve => f.write_str("the server's name did not resolve"),
+            Self::OtaStalled => f.write_str("OTA chunk requests went unanswered"),
         }
     }
 }
@@ -107,7 +128,7 @@ enum Ended {
     Claimed,
     /// Check-in done: sleep.
     Idle,
-    /// A command asked for a restart.
+    /// A command asked for a restart, or the boot slot changed.
     Restart,
 }
 
@@ -122,19 +143,21 @@ struct Buffers {
 
 /// The network hardware the loop owns.
 #[derive(Debug)]
-pub struct NetworkHardware<E, R> {
+pub struct NetworkHardware<E, B, O> {
     /// Randomness for claims and backoff jitter.
     pub entropy: E,
-    /// Restarts the chip on a reboot command.
-    pub restart: R,
+    /// The bootloader interface; restarts the chip on a reboot command.
+    pub boot: B,
+    /// The inactive firmware slot updates are written to.
+    pub slot: O,
 }
 
 /// Connects, serves and reconnects forever.
-pub async fn network_loop<Q, S, G, C, E, R>(
+pub async fn network_loop<Q, S, G, C, E, B, O>(
     shared: &Shared<Q, S, G, C>,
     stack: Stack<'_>,
     settings: &NetworkSettings<'_>,
-    hardware: &mut NetworkHardware<E, R>,
+    hardware: &mut NetworkHardware<E, B, O>,
 ) -> Infallible
 where
     Q: QueueStore,
@@ -142,8 +165,17 @@ where
     G: BatteryGauge,
     C: Clock,
     E: Entropy,
-    R: Restart,
+    B: BootControl,
+    O: OtaSlot,
 {
+    let NetworkHardware { entropy, boot, slot } = hardware;
+    let (mut ota, started) = Ota::start(&mut shared.trap.borrow_mut(), boot, slot);
+    if started.restart {
+        ota.restart();
+    }
+    let self_test_due = ota
+        .awaiting_self_test()
+        .then(|| Instant::now() + SELF_TEST_TIMEOUT);
     let mut buffers = Buffers {
         tcp_rx: [0; TCP_BUFFER_LEN],
         tcp_tx: [0; TCP_BUFFER_LEN],
@@ -157,19 +189,27 @@ where
         log::info!("network up: address {}", config.address);
     }
     loop {
-        match connect_once(shared, stack, settings, &mut hardware.entropy, &mut buffers).await {
+        if ota.awaiting_self_test() && self_test_due.is_some_and(|due| Instant::now() >= due) {
+            let _ = ota.self_test_timed_out(&mut shared.trap.borrow_mut());
+            ota.restart();
+        }
+        match connect_once(shared, stack, settings, entropy, &mut ota, &mut buffers).await {
             Ok(Ended::Claimed) => backoff.reset(),
             Ok(Ended::Idle) => {
                 backoff.reset();
                 sleep_until_due(shared, settings.connectivity).await;
             }
-            Ok(Ended::Restart) => hardware.restart.restart(),
+            Ok(Ended::Restart) => ota.restart(),
             Err(error) => {
-                let delay_ms = backoff
-                    .next_delay_ms(hardware.entropy.next_u32())
-                    .unwrap_or(60_000);
+                let delay_ms = backoff.next_delay_ms(entropy.next_u32()).unwrap_or(60_000);
                 log::warn!("connection to the fleet server failed: {error}; retrying in {delay_ms} ms");
-                Timer::after_millis(u64::from(delay_ms)).await;
+                let mut wake = Instant::now() + Duration::from_millis(u64::from(delay_ms));
+                if ota.awaiting_self_test()
+                    && let Some(due) = self_test_due
+                {
+                    wake = wake.min(due);
+                }
+                Timer::at(wake).await;
             }
         }
     }
@@ -206,11 +246,12 @@ async fn sleep_until_due<Q: QueueStore, S: StateStore, G, C>(
     }
 }
 
-async fn connect_once<Q, S, G, C, E>(
+async fn connect_once<Q, S, G, C, E, B, O>(
     shared: &Shared<Q, S, G, C>,
     stack: Stack<'_>,
     settings: &NetworkSettings<'_>,
     entropy: &mut E,
+    ota: &mut Ota<'_, B, O>,
     buffers: &mut Buffers,
 ) -> Result<Ended, SessionError>
 where
@@ -219,6 +260,8 @@ where
     G: BatteryGauge,
     C: Clock,
     E: Entropy,
+    B: BootControl,
+    O: OtaSlot,
 {
     stack.wait_config_up().await;
     let endpoint = IpEndpoint::new(resolve(stack, settings.server_host).await?, settings.server_port);
@@ -236,7 +279,7 @@ where
         Some(credentials) => {
             let connection = Connection { shared, settings, credentials: &credentials };
             connection
-                .serve(socket, &mut bump, &mut buffers.payload, &mut buffers.frame)
+                .serve(socket, &mut bump, ota, &mut buffers.payload, &mut buffers.frame)
                 .await
         }
     }
@@ -339,7 +382,8 @@ async fn publish_provision<N: Transport>(
 ) -> Result<(), SessionError> {
     let mut buf = [0u8; ProvisionUp::ENCODED_LEN_MAX];
     let encoded = message.encode(&mut buf).map_err(TrapError::from)?;
-    Ok(mqtt.publish(up, encoded).await?)
+    mqtt.publish(up, encoded).await?;
+    Ok(())
 }
 
 /// The next message on the provisioning session's downlink; a rejection ends the claim.
@@ -391,13 +435,22 @@ struct Timers {
     ack_due: Option<Instant>,
     /// Under check-ins: stay connected at least until then.
     linger_until: Option<Instant>,
+    /// When an unanswered OTA chunk request is sent again.
+    ota_due: Option<Instant>,
+    /// Chunk requests sent again since the last chunk.
+    ota_retries: u8,
+    /// Packet identifier of the published OTA result awaiting its PUBACK.
+    ota_result_packet: Option<u16>,
 }
 
 impl Timers {
     fn next_deadline(&self) -> Instant {
         let ping = self.last_sent + Duration::from_secs(u64::from(mqtt::KEEP_ALIVE_S) / 2);
         let mut deadline = ping.min(self.next_health);
-        for candidate in [self.ack_due, self.linger_until].into_iter().flatten() {
+        for candidate in [self.ack_due, self.linger_until, self.ota_due]
+            .into_iter()
+            .flatten()
+        {
             deadline = deadline.min(candidate);
         }
         deadline
@@ -411,10 +464,11 @@ where
     G: BatteryGauge,
     C: Clock,
 {
-    async fn serve<'c, N: Transport>(
+    async fn serve<'c, N: Transport, B: BootControl, O: OtaSlot>(
         &self,
         transport: N,
         bump: &'c mut BumpBuffer<'c>,
+        ota: &mut Ota<'_, B, O>,
         payload: &mut [u8],
         frame: &mut [u8],
     ) -> Result<Ended, SessionError> {
@@ -441,10 +495,23 @@ where
                     Some(now + Duration::from_secs(u64::from(linger_s)))
                 }
             },
+            ota_due: None,
+            ota_retries: 0,
+            ota_result_packet: None,
         };
+        // A confirmation's result goes out with the connection's own OTA
+        // messages below; a failure restarts into the previous image.
+        let self_test = ota.on_server_reached(&mut self.shared.trap.borrow_mut())?;
+        if self_test.restart {
+            mqtt.disconnect().await;
+            return Ok(Ended::Restart);
+        }
+        let connected = ota.on_connected();
+        self.send_ota(&mut mqtt, connected, frame, &mut timers)
+            .await?;
         loop {
             self.push_detections(&mut mqtt, frame, &mut timers).await?;
-            if self.check_in_done(&timers) {
+            if self.check_in_done(&timers, ota) {
                 log::info!("check-in done: disconnecting");
                 mqtt.disconnect().await;
                 return Ok(Ended::Idle);
@@ -456,21 +523,25 @@ where
             )
             .await;
             match event {
-                Either3::First(header) => {
-                    let incoming = mqtt.next_event(header?, payload).await?;
-                    if let Incoming::Publish { topic, len } = incoming {
+                Either3::First(header) => match mqtt.next_event(header?, payload).await? {
+                    Incoming::Publish { topic, len } => {
                         let message = payload.get_mut(..len).unwrap_or_default();
                         if self
-                            .on_publish(&mut mqtt, &topic, message, frame, &mut timers)
+                            .on_publish(&mut mqtt, &topic, message, frame, ota, &mut timers)
                             .await?
                         {
                             mqtt.disconnect().await;
                             return Ok(Ended::Restart);
                         }
                     }
-                }
+                    Incoming::Acknowledged(packet) if timers.ota_result_packet == Some(packet) => {
+                        timers.ota_result_packet = None;
+                        ota.result_delivered(&mut self.shared.trap.borrow_mut())?;
+                    }
+                    _ => {}
+                },
                 Either3::Second(()) => {}
-                Either3::Third(()) => self.on_deadline(&mut mqtt, frame, &mut timers).await?,
+                Either3::Third(()) => self.on_deadline(&mut mqtt, frame, ota, &mut timers).await?,
             }
         }
     }
@@ -479,26 +550,67 @@ where
         Duration::from_secs(u64::from(self.shared.trap.borrow().config().checkin_interval_s))
     }
 
-    /// Under check-ins: everything acknowledged and the linger time over.
-    fn check_in_done(&self, timers: &Timers) -> bool {
+    /// Under check-ins: everything acknowledged, no download under way, and
+    /// the linger time over.
+    fn check_in_done<B, O>(&self, timers: &Timers, ota: &Ota<'_, B, O>) -> bool
+    where
+        B: BootControl,
+        O: OtaSlot,
+    {
         let Some(linger_until) = timers.linger_until else {
             return false;
         };
-        Instant::now() >= linger_until && self.shared.trap.borrow().queue_stats().len == 0
+        Instant::now() >= linger_until
+            && self.shared.trap.borrow().queue_stats().len == 0
+            && timers.ota_due.is_none()
+            && timers.ota_result_packet.is_none()
+            && ota.chunk_request().is_none()
     }
 
-    /// Seals and publishes `message`.
+    /// Seals and publishes `message`; returns its packet identifier.
     async fn publish<N: Transport>(
         &self,
         mqtt: &mut Mqtt<'_, N>,
         message: &Uplink,
         frame: &mut [u8],
-    ) -> Result<(), SessionError> {
+    ) -> Result<u16, SessionError> {
         let sealed = self.shared.trap.borrow_mut().seal(message, frame)?;
         let topic = topic::device_topic(&self.credentials.device_id, Direction::Up, sealed.suffix);
         Ok(mqtt
             .publish(&topic, frame.get(..sealed.len).unwrap_or_default())
             .await?)
+    }
+
+    /// Publishes what an OTA step says and arms the request timer; `true`
+    /// when the trap must restart (the boot slot changed).
+    async fn send_ota<N: Transport>(
+        &self,
+        mqtt: &mut Mqtt<'_, N>,
+        step: OtaStep,
+        frame: &mut [u8],
+        timers: &mut Timers,
+    ) -> Result<bool, SessionError> {
+        if let Some(result) = step.result {
+            let packet = self
+                .publish(mqtt, &Uplink::OtaResult(result), frame)
+                .await?;
+            timers.ota_result_packet = Some(packet);
+        }
+        if let Some(progress) = step.progress {
+            self.publish(mqtt, &Uplink::OtaProgress(progress), frame)
+                .await?;
+        }
+        // Without a new request the timer stays: it lapses harmlessly once
+        // nothing is wanted any more.
+        if let Some(request) = step.request {
+            self.publish(mqtt, &Uplink::OtaChunkRequest(request), frame)
+                .await?;
+            timers.ota_due = Some(Instant::now() + OTA_REQUEST_TIMEOUT);
+        }
+        if !step.is_empty() {
+            timers.last_sent = Instant::now();
+        }
+        Ok(step.restart)
     }
 
     async fn publish_health<N: Transport>(
@@ -513,7 +625,8 @@ where
             .trap
             .borrow_mut()
             .health(power, taken_at, self.shared.uptime_s(), 0);
-        self.publish(mqtt, &Uplink::Health(health), frame).await
+        self.publish(mqtt, &Uplink::Health(health), frame).await?;
+        Ok(())
     }
 
     /// Sends queued detections while the queue's and MQTT's windows allow.
@@ -538,12 +651,13 @@ where
     }
 
     /// Reacts to a downlink publish; `true` when the trap must restart.
-    async fn on_publish<N: Transport>(
+    async fn on_publish<N: Transport, B: BootControl, O: OtaSlot>(
         &self,
         mqtt: &mut Mqtt<'_, N>,
         topic: &Topic,
         message: &mut [u8],
         frame: &mut [u8],
+        ota: &mut Ota<'_, B, O>,
         timers: &mut Timers,
     ) -> Result<bool, SessionError> {
         let reaction = match self.shared.trap.borrow_mut().on_publish(topic, message) {
@@ -571,16 +685,39 @@ where
         if reaction.capture_now {
             self.shared.capture_requested.signal(Trigger::Manual);
         }
+        if let Some(message) = &reaction.ota {
+            let battery_mv = self.shared.gauge.borrow_mut().read().battery_mv;
+            let step = ota.on_downlink(&mut self.shared.trap.borrow_mut(), message, battery_mv)?;
+            if step.request.is_some() {
+                timers.ota_retries = 0;
+            }
+            if self.send_ota(mqtt, step, frame, timers).await? {
+                return Ok(true);
+            }
+        }
         Ok(reaction.restart)
     }
 
-    async fn on_deadline<N: Transport>(
+    async fn on_deadline<N: Transport, B: BootControl, O: OtaSlot>(
         &self,
         mqtt: &mut Mqtt<'_, N>,
         frame: &mut [u8],
+        ota: &mut Ota<'_, B, O>,
         timers: &mut Timers,
     ) -> Result<(), SessionError> {
         let now = Instant::now();
+        if timers.ota_due.is_some_and(|due| now >= due) {
+            timers.ota_due = None;
+            if let Some(request) = ota.chunk_request() {
+                if timers.ota_retries >= OTA_REQUEST_RETRIES {
+                    return Err(SessionError::OtaStalled);
+                }
+                timers.ota_retries += 1;
+                log::warn!("no OTA chunk at {} in time: asking again", request.offset);
+                let step = OtaStep { request: Some(request), ..OtaStep::default() };
+                self.send_ota(mqtt, step, frame, timers).await?;
+            }
+        }
         if timers.ack_due.is_some_and(|due| now >= due) {
             log::warn!("no ack in {} s: resending unacknowledged detections", ACK_TIMEOUT.as_secs());
             self.shared.trap.borrow_mut().rewind();

@@ -28,8 +28,7 @@ pub struct Shared<Q: QueueStore, S: StateStore, G, C> {
     pub capture_requested: Signal<NoopRawMutex, Trigger>,
     /// A new configuration runs.
     pub config_changed: Signal<NoopRawMutex, ()>,
-    /// The trap reached its fleet server as itself (hello and health sent):
-    /// what a new firmware image's self-test waits for.
+    /// The trap reached its fleet server as itself (hello and health sent).
     pub connected: Signal<NoopRawMutex, ()>,
     started: Instant,
 }

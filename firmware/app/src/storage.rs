@@ -15,7 +15,13 @@
 //! journal does): the newest item that decodes wins, a torn write is ignored
 //! by its CRC, and the journal cycles through its pages. A state is written
 //! only when something in it changes: a claim, a counter reservation (once
-//! every 1,024 uplink frames), an applied configuration, an executed command.
+//! every 1,024 uplink frames), an applied configuration, an executed command,
+//! and during an OTA update (see [`OtaState`]).
+//!
+//! A journal item is the postcard encoding of the [`DeviceState`] fields
+//! followed by that of its [`OtaState`]. A state written by firmware older
+//! than OTA has no such tail and reads as "no update, no raised floor"; older
+//! firmware reading a newer item ignores the tail. The format byte stays 1.
 
 use core::cell::RefCell;
 use core::fmt;
@@ -28,6 +34,7 @@ use sequential_storage::cache::{Cache, Uncached};
 use sequential_storage::queue::{QueueConfig, QueueStorage};
 use serde::{Deserialize, Serialize};
 use wildcam_sdk::DeviceId;
+use wildcam_sdk::ota::OtaRecord;
 use wildcam_sdk::protocol::{ConfigStatus, TrapConfig};
 use wildcam_sdk::provision::MqttPassword;
 use wildcam_sdk::queue::BlockingAsync;
@@ -136,6 +143,21 @@ pub struct DeviceState {
     pub config_status: ConfigStatus,
     /// Ids of the most recently executed commands, oldest first.
     pub recent_commands: heapless::Vec<u32, RECENT_COMMANDS_MAX>,
+    /// The OTA part: encoded after the fields above (see the module docs),
+    /// not by the derive.
+    #[serde(skip)]
+    pub ota: OtaState,
+}
+
+/// What the trap keeps about firmware updates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, MaxSize)]
+pub struct OtaState {
+    /// The anti-rollback floor raised by confirmed updates (0: none yet; the
+    /// firmware's own secure version applies).
+    pub secure_version: u32,
+    /// The update in progress or its result still to report, exactly as the
+    /// SDK's `OtaMachine` last asked to persist it.
+    pub record: Option<OtaRecord>,
 }
 
 impl DeviceState {
@@ -151,6 +173,7 @@ impl DeviceState {
             desired_version: 0,
             config_status: ConfigStatus::Applied,
             recent_commands: heapless::Vec::new(),
+            ota: OtaState::default(),
         }
     }
 
@@ -174,11 +197,13 @@ impl fmt::Debug for DeviceState {
             .field("desired_version", &self.desired_version)
             .field("config_status", &self.config_status)
             .field("recent_commands", &self.recent_commands)
+            .field("ota", &self.ota)
             .finish_non_exhaustive()
     }
 }
 
-/// Longest encoded [`DeviceState`].
+/// Longest encoded [`DeviceState`] with its [`OtaState`] tail (the derived
+/// maximum counts the skipped `ota` field too, so it covers the tail).
 pub const STATE_LEN_MAX: usize = DeviceState::POSTCARD_MAX_SIZE;
 
 /// Why the state could not be read or written.
@@ -270,9 +295,7 @@ impl<F: MultiwriteNorFlash> StateStore for FlashStateStore<F> {
             let mut items = journal.iter().await?;
             let mut newest = None;
             while let Some(item) = items.next(&mut buf).await? {
-                if let Ok(state) = postcard::from_bytes::<DeviceState>(&item)
-                    && state.format == STATE_FORMAT
-                {
+                if let Some(state) = decode_state(&item) {
                     newest = Some(state);
                 }
             }
@@ -282,8 +305,33 @@ impl<F: MultiwriteNorFlash> StateStore for FlashStateStore<F> {
 
     fn save(&mut self, state: &DeviceState) -> Result<(), StateError> {
         let mut buf = [0u8; STATE_LEN_MAX];
-        let item = postcard::to_slice(state, &mut buf).map_err(|_| StateError::Encode)?;
+        let item = encode_state(state, &mut buf)?;
         let mut journal = self.journal()?;
         block_on(journal.push(item, true)).map_err(StateError::from)
     }
+}
+
+/// A journal item: the state's fields, then its [`OtaState`].
+pub fn encode_state<'b>(state: &DeviceState, buf: &'b mut [u8]) -> Result<&'b [u8], StateError> {
+    let len = postcard::to_slice(state, buf)
+        .map_err(|_| StateError::Encode)?
+        .len();
+    let tail = buf.get_mut(len..).ok_or(StateError::Encode)?;
+    let tail_len = postcard::to_slice(&state.ota, tail)
+        .map_err(|_| StateError::Encode)?
+        .len();
+    buf.get(..len + tail_len).ok_or(StateError::Encode)
+}
+
+/// Parses a journal item; `None` for another format or a damaged item. An
+/// item without an OTA tail (written before OTA existed) has a default one.
+pub fn decode_state(item: &[u8]) -> Option<DeviceState> {
+    let (mut state, tail) = postcard::take_from_bytes::<DeviceState>(item).ok()?;
+    if state.format != STATE_FORMAT {
+        return None;
+    }
+    if !tail.is_empty() {
+        state.ota = postcard::from_bytes(tail).ok()?;
+    }
+    Some(state)
 }

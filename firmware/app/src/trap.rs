@@ -22,7 +22,8 @@ use wildcam_sdk::topic::{self, Direction, SessionId};
 
 use crate::error::TrapError;
 use crate::hardware::{ClassifierVerdict, Entropy, PowerReading};
-use crate::storage::{DeviceState, StateStore, StoredCredentials};
+use crate::ota::OtaDownlink;
+use crate::storage::{DeviceState, OtaState, StateStore, StoredCredentials};
 
 /// What the firmware is and can do, fixed at build time.
 #[derive(Debug, Clone)]
@@ -35,8 +36,12 @@ pub struct TrapIdentity {
     pub firmware: FirmwareVersion,
     /// This firmware's anti-rollback counter.
     pub secure_version: u32,
-    /// Feature bits announced in the hello.
+    /// Feature bits announced in the hello ([`Capabilities::OTA`] is added
+    /// when the firmware has a signing key).
     pub capabilities: Capabilities,
+    /// The firmware signing public key (ed25519) OTA manifests must verify
+    /// under, built into the firmware; `None`: every offer is refused.
+    pub ota_public_key: Option<[u8; 32]>,
 }
 
 /// One captured frame, ready to become a queued detection.
@@ -73,6 +78,8 @@ pub struct Reaction {
     pub restart: bool,
     /// A new configuration runs: re-read it.
     pub config_changed: bool,
+    /// An OTA message for the update driver (`ota.rs`).
+    pub ota: Option<OtaDownlink>,
 }
 
 /// A sealed uplink frame written to the caller's buffer.
@@ -188,6 +195,42 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
         (self.queue.into_store(), self.store)
     }
 
+    /// What the firmware is.
+    pub fn identity(&self) -> &TrapIdentity {
+        &self.identity
+    }
+
+    /// The anti-rollback floor: the firmware's own secure version, or the
+    /// one a confirmed update raised it to.
+    pub fn secure_version(&self) -> u32 {
+        self.identity
+            .secure_version
+            .max(self.state.ota.secure_version)
+    }
+
+    /// Whether the storage opened and has worked without error since (part
+    /// of a new image's self-test).
+    pub fn storage_sane(&self) -> bool {
+        self.storage_errors == 0
+    }
+
+    /// What the trap keeps about firmware updates.
+    pub fn ota_state(&self) -> &OtaState {
+        &self.state.ota
+    }
+
+    /// Changes and durably saves the OTA part of the state.
+    pub fn update_ota_state(&mut self, change: impl FnOnce(&mut OtaState)) -> Result<(), TrapError> {
+        let mut state = self.state.clone();
+        change(&mut state.ota);
+        if let Err(error) = self.store.save(&state) {
+            self.count_storage_error();
+            return Err(error.into());
+        }
+        self.state = state;
+        Ok(())
+    }
+
     /// The device id, once claimed.
     pub fn device_id(&self) -> Option<&DeviceId> {
         self.link.as_ref().map(|link| &link.device_id)
@@ -260,14 +303,18 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
         let device_id = self.device_id().ok_or(TrapError::NotProvisioned)?.clone();
         self.queue.rewind();
         let stats = self.queue.stats();
+        let capabilities = match self.identity.ota_public_key {
+            Some(_) => self.identity.capabilities.union(Capabilities::OTA),
+            None => self.identity.capabilities,
+        };
         Ok(Hello {
             device_id,
             hardware_model: model_name(self.identity.hardware_model),
             chip: self.identity.chip,
             firmware: self.identity.firmware,
-            secure_version: self.identity.secure_version,
+            secure_version: self.secure_version(),
             reset_reason: self.reset_reason,
-            capabilities: self.identity.capabilities,
+            capabilities,
             config_version: self.state.config_version,
             queue_floor: stats.floor,
             queue_next: stats.next_seq,
@@ -423,10 +470,11 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
             Downlink::Ack(ack) => self.on_ack(ack.through),
             Downlink::DesiredConfig(desired) => self.on_desired_config(desired),
             Downlink::Command(command) => self.on_command(command),
-            other => {
-                // Offers are only sent to traps announcing `Capabilities::OTA`.
-                log::warn!("ignored {:?}: not supported by this firmware", other.kind());
-                Ok(Reaction::default())
+            Downlink::OtaOffer(offer) => {
+                Ok(Reaction { ota: Some(OtaDownlink::Offer(offer)), ..Reaction::default() })
+            }
+            Downlink::OtaChunk(chunk) => {
+                Ok(Reaction { ota: Some(OtaDownlink::Chunk(chunk)), ..Reaction::default() })
             }
         }
     }
@@ -516,4 +564,4 @@ fn model_name(model: &str) -> String<HARDWARE_MODEL_LEN_MAX> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -9,15 +9,14 @@ compile_error!("enable one chip feature: `esp32c3` or `esp32c6`");
 // The panic handler (prints a backtrace, then halts).
 use esp_backtrace as _;
 
+pub mod boot;
 pub mod hardware;
 pub mod partitions;
-pub mod self_test;
 pub mod wifi;
 
 use core::cell::RefCell;
 
 use embassy_executor::Spawner;
-use embassy_futures::join::join;
 use esp_hal::clock::CpuClock;
 use esp_hal::gpio::{Input, InputConfig, Pull};
 use esp_hal::timer::timg::TimerGroup;
@@ -25,13 +24,49 @@ use esp_storage::FlashStorage;
 use static_cell::StaticCell;
 use wildcam_firmware_app::settings::Settings;
 use wildcam_firmware_app::{
-    Board, CaptureHardware, FlashStateStore, NetworkHardware, NoClassifier, Restart, Shared, SharedFlash,
-    Trap, TrapIdentity,
+    Board, BootControl, CaptureHardware, FlashStateStore, NetworkHardware, NoClassifier, NorFlashSlot,
+    Restart, Shared, SharedFlash, Trap, TrapIdentity,
 };
 use wildcam_sdk::protocol::{Capabilities, Chip, FirmwareVersion};
 use wildcam_sdk::queue::FlashStore;
 
-use crate::hardware::{CaptureStub, EspEntropy, EspRestart, GpioPir, NoBatteryGauge, UnsetClock};
+use crate::boot::EspBoot;
+use crate::hardware::{CaptureStub, EspEntropy, GpioPir, NoBatteryGauge, UnsetClock};
+
+/// The firmware signing public key OTA manifests must verify under, built
+/// in from `WILDCAM_OTA_PUBLIC_KEY` (64 hex digits, as `cargo xtask keygen`
+/// prints it) when the board crate is compiled. A malformed value stops the
+/// build; without the variable (or with it empty) the firmware builds, does
+/// not announce the OTA capability, and refuses every offer at run time.
+pub const OTA_PUBLIC_KEY: Option<[u8; 32]> = match option_env!("WILDCAM_OTA_PUBLIC_KEY") {
+    Some(hex) if !hex.is_empty() => Some(parse_public_key(hex)),
+    _ => None,
+};
+
+/// 64 hex digits, at compile time.
+const fn parse_public_key(hex: &str) -> [u8; 32] {
+    let digits = hex.as_bytes();
+    assert!(
+        digits.len() == 64,
+        "WILDCAM_OTA_PUBLIC_KEY must be the firmware signing public key as 64 hex digits"
+    );
+    let mut key = [0u8; 32];
+    let mut index = 0;
+    while index < 32 {
+        key[index] = (hex_digit(digits[2 * index]) << 4) | hex_digit(digits[2 * index + 1]);
+        index += 1;
+    }
+    key
+}
+
+const fn hex_digit(digit: u8) -> u8 {
+    match digit {
+        b'0'..=b'9' => digit - b'0',
+        b'a'..=b'f' => digit - b'a' + 10,
+        b'A'..=b'F' => digit - b'A' + 10,
+        _ => panic!("WILDCAM_OTA_PUBLIC_KEY must be 64 hex digits"),
+    }
+}
 
 /// What the board crate tells the glue.
 #[derive(Debug, Clone, Copy)]
@@ -51,8 +86,9 @@ pub fn parse_version(major: &str, minor: &str, patch: &str) -> FirmwareVersion {
 }
 
 /// The board's firmware: brings up the chip, Wi-Fi and the network stack,
-/// opens the trap's storage and runs the application with the self-test of
-/// a new image beside it. Never returns.
+/// opens the trap's storage and runs the application (which downloads
+/// updates into the inactive OTA slot and runs a new image's self-test).
+/// Never returns.
 pub async fn run(spawner: Spawner, info: BoardInfo) -> ! {
     esp_println::logger::init_logger(log::LevelFilter::Info);
     let peripherals = esp_hal::init(esp_hal::Config::default().with_cpu_clock(CpuClock::max()));
@@ -85,26 +121,42 @@ pub async fn run(spawner: Spawner, info: BoardInfo) -> ! {
         Err(error) => halt(&format_args!("Wi-Fi: {error}")).await,
     };
     let mut entropy = EspEntropy::new();
-    let restart = EspRestart;
+    let mut boot = EspBoot::new(flash, layout.ota.clone(), info.firmware);
+    log::info!("running from {:?}; updates go to {:?}", layout.ota.running, layout.ota.inactive);
     let identity = TrapIdentity {
         hardware_model: info.hardware_model,
         chip: info.chip,
-        firmware: info.firmware,
+        firmware: boot.running_version(),
         secure_version: 1,
         capabilities: Capabilities::PIR,
+        ota_public_key: OTA_PUBLIC_KEY,
     };
     let opened = FlashStateStore::new(SharedFlash::new(flash), layout.app.state.clone())
         .map_err(|_| "state partition layout")
         .and_then(|state| {
             let queue = FlashStore::<_>::new(SharedFlash::new(flash), layout.app.queue.clone())
                 .map_err(|_| "queue partition layout")?;
-            Trap::open(identity, queue, state, restart.reset_reason(), &mut entropy)
+            Trap::open(identity, queue, state, boot.reset_reason(), &mut entropy)
                 .map_err(|_| "storage unreadable")
         });
     let trap = match opened {
         Ok(trap) => trap,
-        // Storage is not sane: a new image rolls back, an old one stops here.
-        Err(error) => self_test::storage_failed(flash, error).await,
+        // Storage is not sane: a new image rolls back (the previous one
+        // reports it from the record), an old one stops here.
+        Err(error) => {
+            if boot.awaiting_verification() {
+                log::error!("self-test failed ({error}): rolling back to the previous firmware");
+                if let Err(error) = boot.roll_back() {
+                    log::error!("rollback failed: {error:?}");
+                }
+                boot.restart();
+            }
+            halt(&format_args!("storage failed: {error}; the trap stops")).await
+        }
+    };
+    let slot = match NorFlashSlot::new(SharedFlash::new(flash), layout.ota.inactive_range.clone()) {
+        Ok(slot) => slot,
+        Err(error) => halt(&format_args!("OTA slot unusable: {error:?}")).await,
     };
     let shared = Shared::new(trap, NoBatteryGauge, UnsetClock);
     let pir = Input::new(peripherals.GPIO4, InputConfig::default().with_pull(Pull::Down));
@@ -114,12 +166,10 @@ pub async fn run(spawner: Spawner, info: BoardInfo) -> ! {
             classifier: NoClassifier,
             motion: GpioPir::new(pir),
         },
-        network: NetworkHardware { entropy, restart },
+        network: NetworkHardware { entropy, boot, slot },
         utc_offset_min: settings.utc_offset_min,
     };
-    let app = wildcam_firmware_app::run(&shared, stack, &settings.network, &mut board);
-    let (never, ()) = join(app, self_test::confirm_when_connected(flash, &shared)).await;
-    match never {}
+    match wildcam_firmware_app::run(&shared, stack, &settings.network, &mut board).await {}
 }
 
 /// Logs `message` and parks the main task (the watchdog-free way to stop).

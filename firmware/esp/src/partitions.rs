@@ -1,13 +1,16 @@
 //! The flash partitions the firmware uses, found by label in the partition
 //! table (`../partitions.csv`, which `cargo xtask firmware` puts in the merged image): `wcfg` holds the
 //! flash-time settings text, `wcdata` the device state journal (its first
-//! two pages) and the offline queue (the rest). The OTA slots and `otadata`
-//! belong to the bootloader and `self_test.rs`.
+//! two pages) and the offline queue (the rest). The OTA app partitions and
+//! `otadata` belong to the bootloader and `boot.rs`: updates go to the OTA
+//! slot that did not boot ([`OtaSlots`]).
 
 use core::fmt;
 
+use core::ops::Range;
 use embedded_storage::nor_flash::ReadNorFlash;
-use esp_bootloader_esp_idf::partitions::{self, PARTITION_TABLE_MAX_LEN};
+
+use esp_bootloader_esp_idf::partitions::{self, AppPartitionSubType, PARTITION_TABLE_MAX_LEN, PartitionType};
 use esp_storage::FlashStorage;
 use wildcam_firmware_app::FlashLayout;
 
@@ -45,6 +48,17 @@ impl fmt::Display for PartitionError {
     }
 }
 
+/// The OTA app partitions: the one running and the one updates go to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtaSlots {
+    /// The partition the running image was started from.
+    pub running: AppPartitionSubType,
+    /// The other OTA partition: the update slot.
+    pub inactive: AppPartitionSubType,
+    /// Where the update slot is in flash.
+    pub inactive_range: Range<u32>,
+}
+
 /// Where things are, and the settings text.
 #[derive(Debug)]
 pub struct Layout<'t> {
@@ -52,6 +66,8 @@ pub struct Layout<'t> {
     pub settings_text: &'t [u8],
     /// The app's state journal and queue.
     pub app: FlashLayout,
+    /// The OTA slots.
+    pub ota: OtaSlots,
 }
 
 /// Reads the partition table and the settings partition into `text`.
@@ -69,6 +85,30 @@ pub fn read<'t>(
             .map(|entry| entry.offset()..entry.offset() + entry.len())
             .ok_or(PartitionError::Missing(label))
     };
+    let booted = table
+        .booted_partition()
+        .ok()
+        .flatten()
+        .ok_or(PartitionError::Missing("the running app partition"))?;
+    let running = match booted.partition_type() {
+        PartitionType::App(running @ (AppPartitionSubType::Ota0 | AppPartitionSubType::Ota1)) => running,
+        _ => return Err(PartitionError::Missing("ota_0 or ota_1 as the running app partition")),
+    };
+    let inactive = if running == AppPartitionSubType::Ota0 {
+        AppPartitionSubType::Ota1
+    } else {
+        AppPartitionSubType::Ota0
+    };
+    let slot = table
+        .find_partition(PartitionType::App(inactive))
+        .ok()
+        .flatten()
+        .ok_or(PartitionError::Missing("the second OTA app partition"))?;
+    let inactive_range = slot.offset()..slot.offset() + slot.len();
+    if inactive_range.start % PAGE_LEN != 0 || inactive_range.end % PAGE_LEN != 0 {
+        return Err(PartitionError::Unusable("the second OTA app partition"));
+    }
+    let ota = OtaSlots { running, inactive, inactive_range };
     let settings = find(SETTINGS_LABEL)?;
     let data = find(DATA_LABEL)?;
     if settings.len() < SETTINGS_LEN {
@@ -80,5 +120,9 @@ pub fn read<'t>(
         return Err(PartitionError::Unusable(DATA_LABEL));
     }
     ReadNorFlash::read(flash, settings.start, text).map_err(|_| PartitionError::SettingsUnreadable)?;
-    Ok(Layout { settings_text: text, app: FlashLayout { state: data.start..split, queue: split..data.end } })
+    Ok(Layout {
+        settings_text: text,
+        app: FlashLayout { state: data.start..split, queue: split..data.end },
+        ota,
+    })
 }

@@ -10,6 +10,7 @@
 //!  --address 192.168.77.2/24 --gateway 192.168.77.1 --server 192.168.77.1
 //!  --claim-token <token>` and type `pir` lines.
 
+mod boot;
 mod flash;
 mod logger;
 mod options;
@@ -24,29 +25,32 @@ use embassy_time::Duration;
 use static_cell::StaticCell;
 use wildcam_firmware_app::session::NetworkSettings;
 use wildcam_firmware_app::{
-    Board, CaptureHardware, FlashLayout, FlashStateStore, NetworkHardware, NoClassifier, Restart, Shared,
-    SharedFlash, Trap, TrapIdentity,
+    Board, BootControl, CaptureHardware, FlashLayout, FlashStateStore, NetworkHardware, NoClassifier,
+    NorFlashSlot, Restart, Shared, SharedFlash, Trap, TrapIdentity,
 };
 use wildcam_sdk::protocol::{Capabilities, Chip, FirmwareVersion};
 use wildcam_sdk::queue::FlashStore;
 
+use crate::boot::HostBoot;
 use crate::flash::{FileFlash, PAGE_LEN};
 use crate::options::{Addressing, Options};
-use crate::sim::{ExecRestart, OsEntropy, SimulatedBattery, SimulatedPir, SyntheticCamera, SystemClock};
+use crate::sim::{OsEntropy, SimulatedBattery, SimulatedPir, SyntheticCamera, SystemClock};
 
 /// The flash file: 2 pages of device state, 30 of offline queue (about 870
 /// maximum-length detections).
 const FLASH_LEN: usize = 32 * PAGE_LEN;
 const STATE_PAGES: u32 = 2;
 
-/// What this firmware is.
-fn identity() -> TrapIdentity {
+/// What this firmware is: `firmware` is the running version the boot
+/// control reports (this binary's, or the update it stands in for).
+fn identity(firmware: FirmwareVersion, ota_public_key: Option<[u8; 32]>) -> TrapIdentity {
     TrapIdentity {
         hardware_model: "wildcam-host",
         chip: Chip::Host,
-        firmware: firmware_version(),
+        firmware,
         secure_version: 1,
         capabilities: Capabilities::PIR,
+        ota_public_key,
     }
 }
 
@@ -104,8 +108,14 @@ async fn run(spawner: Spawner, options: Options) -> Result<(), String> {
         .map_err(|error| format!("state flash: {error}"))?;
     let queue = FlashStore::<_>::new(SharedFlash::new(&flash), layout.queue.clone())
         .map_err(|error| format!("queue flash: {error}"))?;
-    let restart = ExecRestart;
-    let trap = Trap::open(identity(), queue, state, restart.reset_reason(), &mut entropy)
+    let boot = HostBoot::power_on(&options.flash, firmware_version(), options.self_test_fail_version)?;
+    let slot_file = boot::slot_path(&options.flash, boot.inactive_slot());
+    let slot_flash = FileFlash::open(&slot_file, boot::SLOT_LEN)
+        .map_err(|error| format!("cannot open the OTA slot {}: {error}", slot_file.display()))?;
+    let slot = NorFlashSlot::new(slot_flash, 0..boot::SLOT_LEN as u32)
+        .map_err(|error| format!("OTA slot {}: {error:?}", slot_file.display()))?;
+    let identity = identity(boot.running_version(), options.ota_public_key);
+    let trap = Trap::open(identity, queue, state, boot.reset_reason(), &mut entropy)
         .map_err(|error| format!("cannot open the trap's storage: {error}"))?;
     log::info!(
         "trap up: identity key {}, {}",
@@ -128,7 +138,7 @@ async fn run(spawner: Spawner, options: Options) -> Result<(), String> {
             classifier: NoClassifier,
             motion: SimulatedPir::new(options.pir_every_s.map(Duration::from_secs)),
         },
-        network: NetworkHardware { entropy, restart },
+        network: NetworkHardware { entropy, boot, slot },
         utc_offset_min: options.utc_offset_min,
     };
     sim::spawn_stdin_reader();

@@ -20,7 +20,7 @@ const TOKEN: &str = "field-2026.Jx3v9QmZt0aKc7LpWn2Rb5YsUe8HdFgk";
 
 /// A state store in RAM whose saves can be made to fail.
 #[derive(Default)]
-struct RamState {
+pub(crate) struct RamState {
     saved: Option<DeviceState>,
     fail_saves: bool,
     saves: usize,
@@ -41,7 +41,7 @@ impl StateStore for RamState {
 }
 
 /// Deterministic "randomness".
-struct Counter(u8);
+pub(crate) struct Counter(u8);
 
 impl Entropy for Counter {
     fn fill(&mut self, bytes: &mut [u8]) {
@@ -52,43 +52,48 @@ impl Entropy for Counter {
     }
 }
 
-type TestTrap = Trap<MemoryStore<32>, RamState>;
+pub(crate) type TestTrap = Trap<MemoryStore<32>, RamState>;
 
-fn identity() -> TrapIdentity {
+pub(crate) fn identity() -> TrapIdentity {
     TrapIdentity {
         hardware_model: "wildcam-test-board-with-a-long-name",
         chip: Chip::Host,
         firmware: FirmwareVersion { major: 0, minor: 1, patch: 0 },
         secure_version: 1,
         capabilities: Capabilities::PIR,
+        ota_public_key: None,
     }
 }
 
 fn open(queue: MemoryStore<32>, state: RamState) -> TestTrap {
-    Trap::open(identity(), queue, state, ResetReason::PowerOn, &mut Counter(0)).unwrap()
+    open_as(identity(), queue, state)
 }
 
-fn reboot(trap: TestTrap) -> TestTrap {
+pub(crate) fn open_as(identity: TrapIdentity, queue: MemoryStore<32>, state: RamState) -> TestTrap {
+    Trap::open(identity, queue, state, ResetReason::PowerOn, &mut Counter(0)).unwrap()
+}
+
+pub(crate) fn reboot(trap: TestTrap) -> TestTrap {
     let (queue, state) = trap.into_stores();
     open(queue, state)
 }
 
 /// The server's side of one device.
-struct Server {
+pub(crate) struct Server {
     id: DeviceId,
     opener: Opener,
     sealer: Sealer,
 }
 
 impl Server {
-    fn open(&mut self, frame: &[u8]) -> Uplink {
+    pub(crate) fn open(&mut self, frame: &[u8]) -> Uplink {
         let mut frame = frame.to_vec();
         let plain = self.opener.open(self.id.as_bytes(), &mut frame).unwrap();
         Uplink::decode(plain).unwrap()
     }
 
     /// A sealed downlink frame and its topic.
-    fn seal(&mut self, message: &Downlink) -> (Topic, Vec<u8>) {
+    pub(crate) fn seal(&mut self, message: &Downlink) -> (Topic, Vec<u8>) {
         let mut envelope = [0u8; 2048];
         let len = message.encode(&mut envelope).unwrap().len();
         let mut frame = std::vec![0u8; len + SEAL_OVERHEAD];
@@ -105,7 +110,7 @@ impl Server {
 use wildcam_sdk::topic::Topic;
 
 /// Claims `trap` against the SDK's server side.
-fn claim(trap: &mut TestTrap) -> Server {
+pub(crate) fn claim(trap: &mut TestTrap) -> Server {
     let server_identity = ServerIdentity::from_seed([7; 32]);
     let token = ClaimToken::parse(TOKEN).unwrap();
     let mut provisioner =
@@ -135,7 +140,7 @@ fn server_for(key: &SessionKey) -> Server {
     }
 }
 
-fn capture(burst_index: u8) -> CaptureRecord {
+pub(crate) fn capture(burst_index: u8) -> CaptureRecord {
     CaptureRecord {
         captured_at: 1_795_000_000,
         trigger: Trigger::Pir,
@@ -149,7 +154,7 @@ fn capture(burst_index: u8) -> CaptureRecord {
 }
 
 /// Everything the in-flight window lets out, opened by the server.
-fn drain(trap: &mut TestTrap, server: &mut Server) -> Vec<Detection> {
+pub(crate) fn drain(trap: &mut TestTrap, server: &mut Server) -> Vec<Detection> {
     let mut frame = [0u8; 256];
     let mut sent = Vec::new();
     while let Some(outgoing) = trap.next_detection(&mut frame).unwrap() {
@@ -162,7 +167,7 @@ fn drain(trap: &mut TestTrap, server: &mut Server) -> Vec<Detection> {
     sent
 }
 
-fn deliver(trap: &mut TestTrap, server: &mut Server, message: &Downlink) -> Reaction {
+pub(crate) fn deliver(trap: &mut TestTrap, server: &mut Server, message: &Downlink) -> Reaction {
     let (topic, mut frame) = server.seal(message);
     trap.on_publish(&topic, &mut frame).unwrap()
 }
