@@ -198,7 +198,7 @@ fn firmware_images(paths: &Paths) -> Result<()> {
     clippy_esp(paths)?;
     let esptool = firmware::esptool(&paths.root)?;
     for chip in EspChip::ALL {
-        let build = firmware::build_and_report(&paths.root, chip)?;
+        let build = firmware::build_and_report(&paths.root, chip, None)?;
         firmware::check_image(&esptool, chip, &build.app_image)?;
         if chip == EspChip::Esp32c3 {
             build.sizes.check_budget()?;

@@ -133,10 +133,10 @@ pub fn run(args: &Args) -> Result<()> {
     match args.command {
         FirmwareCommand::Build { chip: Board::Host } => build_host(&root),
         FirmwareCommand::Build { chip: Board::Esp32c3 } => {
-            build_and_report(&root, EspChip::Esp32c3).map(drop)
+            build_and_report(&root, EspChip::Esp32c3, None).map(drop)
         }
         FirmwareCommand::Build { chip: Board::Esp32c6 } => {
-            build_and_report(&root, EspChip::Esp32c6).map(drop)
+            build_and_report(&root, EspChip::Esp32c6, None).map(drop)
         }
     }
 }
@@ -174,8 +174,15 @@ pub struct ChipBuild {
 
 /// Builds `chip`, writes its images under `firmware/target/images/<chip>/`
 /// and prints its sizes.
-pub fn build_and_report(root: &Path, chip: EspChip) -> Result<ChipBuild> {
-    let elf = build_chip(root, chip)?;
+/// `ota_public_key` (64 hex digits) is built into the image as the firmware
+/// signing key its OTA updates must be signed with; `None` leaves the
+/// environment's `WILDCAM_OTA_PUBLIC_KEY`, if any.
+/// The environment variable the ESP board crates read, at compile time, for
+/// the firmware signing public key.
+pub const OTA_PUBLIC_KEY_VAR: &str = "WILDCAM_OTA_PUBLIC_KEY";
+
+pub fn build_and_report(root: &Path, chip: EspChip, ota_public_key: Option<&str>) -> Result<ChipBuild> {
+    let elf = build_chip(root, chip, ota_public_key)?;
     let directory = firmware_dir(root).join("target/images").join(chip.name());
     let build = write_images(root, chip, &elf, &directory)?;
     println!("{}: {}", chip.name(), build.sizes);
@@ -185,13 +192,16 @@ pub fn build_and_report(root: &Path, chip: EspChip) -> Result<ChipBuild> {
 }
 
 /// Builds the board crate for `chip` in release and returns the ELF.
-pub fn build_chip(root: &Path, chip: EspChip) -> Result<PathBuf> {
+pub fn build_chip(root: &Path, chip: EspChip, ota_public_key: Option<&str>) -> Result<PathBuf> {
     let toolchain = RiscvToolchain::find(chip.target())?;
     println!("{}: {}", chip.target(), toolchain.describe());
     let mut command = toolchain.cargo_build(chip.target(), &["core", "alloc"]);
     command
         .current_dir(firmware_dir(root))
         .args(["--release", "-p", &chip.package()]);
+    if let Some(key) = ota_public_key {
+        command.env(OTA_PUBLIC_KEY_VAR, key);
+    }
     process::run(&mut command)?;
     Ok(firmware_dir(root)
         .join("target")

@@ -67,7 +67,19 @@ const SETTINGS_LEN: usize = 4_096;
 pub fn run(args: &Args) -> Result<()> {
     let root = crate::repository_root();
     let settings = settings_text(args)?;
-    let build = firmware::build_and_report(&root, args.chip)?;
+    let ota_public_key = match &args.signing_key {
+        Some(key) => Some(ota_public_key(key)?),
+        None => {
+            if std::env::var_os(firmware::OTA_PUBLIC_KEY_VAR).is_none() {
+                println!(
+                    "note: no --signing-key (nor {}): this image will refuse every OTA update",
+                    firmware::OTA_PUBLIC_KEY_VAR
+                );
+            }
+            None
+        }
+    };
+    let build = firmware::build_and_report(&root, args.chip, ota_public_key.as_deref())?;
     let settings_offset =
         partition_offset(&fs::read_to_string(firmware::partition_table(&root))?, SETTINGS_LABEL)?;
     let out_dir = args.save_image.clone().unwrap_or_else(|| {
@@ -193,6 +205,23 @@ fn firmware_version(root: &Path) -> Result<FirmwareVersion> {
         .and_then(|rest| rest.strip_suffix('"'))
         .with_context(|| format!("no version in {}", manifest_path.display()))?;
     sign::parse_version(version).map_err(|error| anyhow::anyhow!(error))
+}
+
+/// The public half of `signing_key` in hex, to build into the image so that
+/// later updates signed with the same key are accepted. Refuses a
+/// contradicting `WILDCAM_OTA_PUBLIC_KEY` in the environment.
+fn ota_public_key(signing_key: &Path) -> Result<String> {
+    let key = crate::key::load_signing_key(signing_key)?;
+    let public = crate::key::public_key_hex(&key.verifying_key());
+    if let Ok(set) = std::env::var(firmware::OTA_PUBLIC_KEY_VAR)
+        && !set.eq_ignore_ascii_case(&public)
+    {
+        bail!(
+            "{} is set to another key than --signing-key's public key ({public}); unset it or pass the matching key",
+            firmware::OTA_PUBLIC_KEY_VAR
+        );
+    }
+    Ok(public)
 }
 
 fn sign_manifest(args: &Args, key: &Path, app: &Path) -> Result<()> {

@@ -720,8 +720,12 @@ where
         }
         if timers.ack_due.is_some_and(|due| now >= due) {
             log::warn!("no ack in {} s: resending unacknowledged detections", ACK_TIMEOUT.as_secs());
-            self.shared.trap.borrow_mut().rewind();
+            let hello = self.shared.trap.borrow_mut().rewind();
             timers.ack_due = None;
+            if let Some(hello) = hello {
+                log::info!("the server's ack is below the queue floor {}: hello again", hello.queue_floor);
+                self.publish(mqtt, &Uplink::Hello(hello), frame).await?;
+            }
         }
         if now >= timers.next_health {
             self.publish_health(mqtt, frame).await?;

@@ -131,6 +131,8 @@ pub struct Trap<Q: QueueStore, S: StateStore> {
     state: DeviceState,
     link: Option<Link>,
     reset_reason: ResetReason,
+    /// The highest ack accepted since boot (the server's contiguous stored sequence).
+    acked_through: u32,
     triggers_since_report: u16,
     storage_errors: u16,
 }
@@ -184,6 +186,7 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
             state,
             link,
             reset_reason,
+            acked_through: 0,
             triggers_since_report: 0,
             storage_errors,
         })
@@ -300,8 +303,23 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
     /// A connection is up: every unacknowledged detection goes out again, and
     /// this hello goes first.
     pub fn on_connected(&mut self) -> Result<Hello, TrapError> {
-        let device_id = self.device_id().ok_or(TrapError::NotProvisioned)?.clone();
         self.queue.rewind();
+        self.hello()
+    }
+
+    /// No ack came in time: resend everything unacknowledged. Returns a hello
+    /// to send first when the server's ack is below the queue's floor: the
+    /// queue dropped records the server never got (full, oldest first), and
+    /// the server holds its contiguous ack at that gap until a hello tells it
+    /// the new floor (also when an earlier hello was lost on the way).
+    pub fn rewind(&mut self) -> Option<Hello> {
+        self.queue.rewind();
+        let behind = self.queue.stats().floor > self.acked_through.saturating_add(1);
+        if behind { self.hello().ok() } else { None }
+    }
+
+    fn hello(&self) -> Result<Hello, TrapError> {
+        let device_id = self.device_id().ok_or(TrapError::NotProvisioned)?.clone();
         let stats = self.queue.stats();
         let capabilities = match self.identity.ota_public_key {
             Some(_) => self.identity.capabilities.union(Capabilities::OTA),
@@ -319,11 +337,6 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
             queue_floor: stats.floor,
             queue_next: stats.next_seq,
         })
-    }
-
-    /// No ack came in time: resend everything unacknowledged.
-    pub fn rewind(&mut self) {
-        self.queue.rewind();
     }
 
     /// Counts a trigger for the next health report.
@@ -481,7 +494,10 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
 
     fn on_ack(&mut self, through: u32) -> Result<Reaction, TrapError> {
         match self.queue.ack(through) {
-            Ok(outcome) => Ok(Reaction { released: outcome.released, ..Reaction::default() }),
+            Ok(outcome) => {
+                self.acked_through = self.acked_through.max(through);
+                Ok(Reaction { released: outcome.released, ..Reaction::default() })
+            }
             Err(QueueError::AckBeyondAssigned) => {
                 log::warn!("refused an ack through {through}: beyond what was sent");
                 Ok(Reaction::default())

@@ -265,8 +265,32 @@ fn a_rewind_resends_everything_unacknowledged() {
     let mut server = claim(&mut trap);
     trap.record_detection(&capture(0)).unwrap();
     assert_eq!(drain(&mut trap, &mut server).len(), 1);
-    trap.rewind();
+    assert_eq!(trap.rewind(), None, "nothing dropped: no hello needed");
     assert_eq!(drain(&mut trap, &mut server).len(), 1);
+}
+
+#[test]
+fn after_dropping_unsent_records_a_rewind_says_hello_with_the_new_floor() {
+    let mut trap = open(MemoryStore::new(), RamState::default());
+    let mut server = claim(&mut trap);
+    trap.record_detection(&capture(0)).unwrap();
+    drain(&mut trap, &mut server);
+    deliver(&mut trap, &mut server, &Downlink::Ack(Ack { through: 1 }));
+    // The server stops acknowledging; the full queue drops its oldest.
+    for _ in 0..40 {
+        trap.record_detection(&capture(1)).unwrap();
+    }
+    let stats = trap.queue_stats();
+    assert!(stats.floor > 2, "records were dropped: floor {}", stats.floor);
+    let hello = trap
+        .rewind()
+        .expect("the server's ack (1) is below the floor");
+    assert_eq!(hello.queue_floor, stats.floor);
+    // Once the server acks up to the floor, a rewind needs no hello.
+    let sent = drain(&mut trap, &mut server);
+    let through = sent.last().expect("resent").seq;
+    deliver(&mut trap, &mut server, &Downlink::Ack(Ack { through }));
+    assert_eq!(trap.rewind(), None);
 }
 
 #[test]
