@@ -183,11 +183,35 @@ impl Restart for ExecRestart {
         let Some(program) = program else {
             std::process::exit(0);
         };
+        close_on_exec_all();
         let error = std::process::Command::new(program)
             .args(std::env::args_os().skip(1))
             .env(RESET_REASON_VARIABLE, "software")
             .exec();
         log::error!("restart failed: {error}");
         std::process::exit(1);
+    }
+}
+
+/// Marks every descriptor above standard error close-on-exec before the
+/// restart: the TAP device is opened without the flag (embassy-net-tuntap),
+/// and a re-executed trap that inherited it could not attach to the device
+/// again (`EBUSY`).
+fn close_on_exec_all() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let descriptors: Vec<i32> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
+    for fd in descriptors {
+        // SAFETY: F_SETFD only sets the descriptor's close-on-exec flag: no
+        // memory is read or written. A descriptor closed meanwhile (such as
+        // the directory listing's own) fails with EBADF, which is ignored.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
     }
 }

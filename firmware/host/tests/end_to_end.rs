@@ -4,7 +4,10 @@
 //! itself with a claim token, sends detections and
 //! health, is acked, keeps its queue across a server restart and its own
 //! power loss (no detection lost or duplicated), and applies a configuration
-//! sent through the API.
+//! sent through the API. A second test rolls signed firmware out to it
+//! through the server's OTA API: downloaded into the inactive slot, verified,
+//! rebooted into and confirmed; then an image whose self-test fails, rolled
+//! back with the reason reported.
 //!
 //! Needs root (network namespaces, TAP), `ip` (iproute2), `dnsmasq` (Debian
 //! dnsmasq-base) and the server binary in `WILDCAM_FLEET_BIN` (`cargo xtask ci` builds it and sets it).
@@ -20,7 +23,11 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
+use ed25519_dalek::{Signer, SigningKey};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
+use wildcam_sdk::ota::{MANIFEST_SIGNING_LEN_MAX, Manifest, ManifestSignature, SignedManifest};
+use wildcam_sdk::protocol::{Chip, FirmwareVersion};
 
 const TAP: &str = "wctap0";
 const SERVER_ADDRESS: &str = "192.168.77.1";
@@ -224,6 +231,8 @@ struct Fleet {
     binary: PathBuf,
     data_dir: PathBuf,
     api_token: String,
+    /// The firmware signing public key the server accepts uploads under (hex).
+    ota_signing_key: String,
 }
 
 impl Fleet {
@@ -235,6 +244,7 @@ impl Fleet {
             .env("WILDCAM__MQTT__LISTEN_V4", format!("{SERVER_ADDRESS}:18830"))
             .env("WILDCAM__MQTT__LISTEN_V5", format!("{SERVER_ADDRESS}:18831"))
             .env("WILDCAM__HTTP__LISTEN", "127.0.0.1:18080")
+            .env("WILDCAM__OTA__SIGNING_KEYS", &self.ota_signing_key)
             .env("WILDCAM__LOG__FILTER", "warn,wildcam_fleet_server=info");
         let mut server = Process::spawn(command, "server");
         server.expect("fleet server started");
@@ -339,7 +349,8 @@ impl World {
             .find(|line| line.starts_with("wcat_"))
             .expect("an API token")
             .to_owned();
-        let fleet = Fleet { namespace: namespace.name.clone(), binary, data_dir, api_token };
+        let ota_signing_key = hex(firmware_signing_key().verifying_key().as_bytes());
+        let fleet = Fleet { namespace: namespace.name.clone(), binary, data_dir, api_token, ota_signing_key };
         let server = fleet.serve();
         let claim = fleet.api(&["claim-tokens", "create", "--uses", "1"]);
         let claim_token = claim["token"].as_str().expect("claim token").to_owned();
@@ -478,6 +489,133 @@ fn a_checking_in_trap_sleeps_and_catches_up_on_configuration_when_it_wakes() {
     let last = motion(&mut trap, 1, 2);
     assert_eq!(last, 5);
     world.fleet.wait_sequences(&device, 5);
+    drop(trap);
+    server.terminate();
+}
+
+/// The firmware signing key of the OTA test (a fixed test key: the server
+/// and the trap are told its public half).
+fn firmware_signing_key() -> SigningKey {
+    SigningKey::from_bytes(&[0x5a; 32])
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes a host image of `len` bytes for `version` and its signed manifest
+/// (what `cargo xtask sign` writes); returns their paths.
+fn signed_image(work: &Path, version: FirmwareVersion, len: usize) -> (PathBuf, PathBuf) {
+    let image: Vec<u8> = (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ version.minor.to_be_bytes()[1])
+        .collect();
+    let manifest = Manifest {
+        version,
+        secure_version: 1,
+        chip: Chip::Host,
+        image_size: u32::try_from(len).expect("small image"),
+        image_sha256: Sha256::digest(&image).into(),
+        min_battery_mv: 0,
+    };
+    let mut buf = [0u8; MANIFEST_SIGNING_LEN_MAX];
+    let message = manifest.signing_bytes(&mut buf).expect("signing bytes");
+    let signature = ManifestSignature(firmware_signing_key().sign(message).to_bytes());
+    let signed = SignedManifest { manifest, signature };
+    let mut encoded = [0u8; 512];
+    let encoded = postcard::to_slice(&signed, &mut encoded).expect("manifest encodes");
+    let name = format!("host-{}.{}.{}", version.major, version.minor, version.patch);
+    let image_path = work.join(format!("{name}.bin"));
+    let manifest_path = work.join(format!("{name}.manifest"));
+    std::fs::write(&image_path, &image).expect("image file");
+    std::fs::write(&manifest_path, encoded).expect("manifest file");
+    (image_path, manifest_path)
+}
+
+impl World {
+    /// Uploads a signed image for `version` and rolls it out to `device`;
+    /// returns the rollout id.
+    fn roll_out(&self, device: &str, version: FirmwareVersion) -> u64 {
+        let (image, manifest) = signed_image(&self.work, version, 48 * 1024 + 123);
+        let uploaded = self.fleet.api(&[
+            "firmware",
+            "upload",
+            "--image",
+            image.to_str().expect("UTF-8 path"),
+            "--manifest",
+            manifest.to_str().expect("UTF-8 path"),
+        ]);
+        let firmware = uploaded["firmware"]["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("a firmware id: {uploaded}"));
+        let rollout =
+            self.fleet
+                .api(&["rollout", "create", "--firmware", &firmware.to_string(), "--device", device]);
+        rollout["id"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("a rollout id: {rollout}"))
+    }
+
+    /// Polls until `device`'s target in `rollout` is final; returns it.
+    fn wait_target_final(&self, rollout: u64, device: &str) -> Value {
+        let deadline = Instant::now() + WAIT * 2;
+        loop {
+            let shown = self.fleet.api(&["rollout", "show", &rollout.to_string()]);
+            let target = shown["devices"]
+                .as_array()
+                .and_then(|devices| devices.iter().find(|d| d["device_id"] == device))
+                .cloned()
+                .unwrap_or_else(|| panic!("{device} is a target: {shown}"));
+            if ["confirmed", "failed", "rolled_back", "superseded", "aborted"]
+                .contains(&target["state"].as_str().unwrap_or_default())
+            {
+                return target;
+            }
+            assert!(Instant::now() < deadline, "rollout {rollout} not final for {device}: {shown}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// The firmware version the registry holds for `device`.
+    fn registry_version(&self, device: &str) -> Value {
+        let shown = self.fleet.api(&["devices", "get", device]);
+        shown["info"]["firmware"].clone()
+    }
+}
+
+#[test]
+fn signed_firmware_is_downloaded_verified_confirmed_and_a_failing_image_rolled_back() {
+    let Some((world, server)) = World::new("ota") else {
+        return;
+    };
+    let public_key = world.fleet.ota_signing_key.clone();
+    let mut trap = world.start_trap(&["--ota-public-key", &public_key, "--self-test-fail-version", "0.3.0"]);
+    let device = claimed_device(&mut trap);
+    trap.expect("connected to the fleet server");
+
+    // 0.2.0: downloaded into slot 1 while detections still flow, verified,
+    // activated, rebooted into (same process, re-executed), confirmed.
+    let rollout = world.roll_out(&device, FirmwareVersion { major: 0, minor: 2, patch: 0 });
+    let last = motion(&mut trap, 1, 3);
+    trap.expect("OTA image verified: rebooting into it");
+    trap.expect("slot 1 activated with firmware 0.2.0");
+    trap.expect("running slot 1 as firmware 0.2.0 (pending-verify)");
+    trap.expect("self-test passed");
+    let target = world.wait_target_final(rollout, &device);
+    assert_eq!(target["state"], "confirmed", "{target}");
+    world.fleet.wait_sequences(&device, last);
+    let version = world.registry_version(&device);
+    assert_eq!((version["major"].as_u64(), version["minor"].as_u64()), (Some(0), Some(2)), "{version}");
+
+    // 0.3.0 fails its self-test on this trap: rolled back to 0.2.0, and the
+    // reason reported after the reboot.
+    let rollout = world.roll_out(&device, FirmwareVersion { major: 0, minor: 3, patch: 0 });
+    trap.expect("running slot 0 as firmware 0.3.0 (pending-verify)");
+    trap.expect("running slot 1 as firmware 0.2.0");
+    let target = world.wait_target_final(rollout, &device);
+    assert_eq!(target["state"], "rolled_back", "{target}");
+    assert_eq!(target["outcome"], "SelfTestFailed", "{target}");
+    let version = world.registry_version(&device);
+    assert_eq!(version["minor"].as_u64(), Some(2), "still 0.2.0: {version}");
     drop(trap);
     server.terminate();
 }
