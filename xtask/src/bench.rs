@@ -200,18 +200,19 @@ pub(crate) fn apply_server_env(command: &mut Command, settings: &[String]) {
 }
 
 fn build(root: &Path) -> Result<()> {
-    eprintln!("xtask: building the server and the load generator (release)");
-    process::run(host_cargo().current_dir(root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "wildcam-fleet-server",
-        "--bin",
-        "wildcam-fleet",
-        "--example",
-        "ingest_bench",
-    ]))
+    build_release(root, "the server and the load generator", &["--example", "ingest_bench"])
+}
+
+/// `cargo build --release` of `wildcam-fleet` and `more` (package, binary or
+/// example flags) in the workspace at `root`.
+pub(crate) fn build_release(root: &Path, what: &str, more: &[&str]) -> Result<()> {
+    eprintln!("xtask: building {what} (release)");
+    process::run(
+        host_cargo()
+            .current_dir(root)
+            .args(["build", "--release", "--quiet", "-p", "wildcam-fleet-server", "--bin", "wildcam-fleet"])
+            .args(more),
+    )
 }
 
 /// Cargo's target directory (`CARGO_TARGET_DIR` or `target/`).

@@ -25,11 +25,10 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 
 use crate::bench::{
-    Guarded, WorkDir, apply_server_env, check_server_env, free_ports, print_machine, report_log, target_dir,
-    wait_accepting,
+    Guarded, WorkDir, apply_server_env, build_release, check_server_env, free_ports, print_machine,
+    report_log, target_dir, wait_accepting,
 };
 use crate::process;
-use crate::toolchain::host_cargo;
 
 /// Connections the server allows: the scenario's traps, plus provisioning
 /// connections and headroom for reconnects.
@@ -176,20 +175,7 @@ fn scenario_traps(path: &Path) -> Result<u32> {
 }
 
 fn build(root: &Path) -> Result<()> {
-    eprintln!("xtask: building the server and the simulator (release)");
-    process::run(host_cargo().current_dir(root).args([
-        "build",
-        "--release",
-        "--quiet",
-        "-p",
-        "wildcam-fleet-server",
-        "--bin",
-        "wildcam-fleet",
-        "-p",
-        "wildcam-simulator",
-        "--bin",
-        "wildcam-sim",
-    ]))
+    build_release(root, "the server and the simulator", &["-p", "wildcam-simulator", "--bin", "wildcam-sim"])
 }
 
 /// The process's peak resident set (`VmHWM`), in MiB.
