@@ -358,11 +358,6 @@ impl OtaDevice {
         &self.machine
     }
 
-    /// The persisted record.
-    pub fn record(&self) -> Option<&OtaRecord> {
-        self.record.as_ref()
-    }
-
     /// Bytes held by the slot, if one exists.
     pub fn slot_bytes(&self) -> usize {
         self.slot.as_ref().map_or(0, |s| s.contents().len())

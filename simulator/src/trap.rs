@@ -306,7 +306,8 @@ pub struct Trap {
     /// When the last chunk request went out, and how many were sent again in a row.
     chunk_asked_at: Option<Instant>,
     chunk_retries: u32,
-    /// When the hello of the current link was answered (its ack).
+    /// When the hello of the current link was sent, and answered (its ack).
+    hello_sent_at: Option<Instant>,
     hello_answered_at: Option<Instant>,
     pending_boot: Option<PendingBoot>,
     fate: Fate,
@@ -400,6 +401,7 @@ impl Trap {
             result_publish: None,
             chunk_asked_at: None,
             chunk_retries: 0,
+            hello_sent_at: None,
             hello_answered_at: None,
             pending_boot: None,
             fate: Fate::Passes,
@@ -577,10 +579,8 @@ impl Trap {
         if self.pending_boot.is_some() {
             deadline = deadline.min(Instant::now() + DRAIN_POLL);
         }
-        if self.plan.sleepy
-            && let Some(answered) = self.hello_answered_at
-        {
-            deadline = deadline.min(answered + CATCH_UP_GRACE);
+        if let Some(wait_until) = self.catch_up_until().filter(|at| *at > Instant::now()) {
+            deadline = deadline.min(wait_until);
         }
         deadline
     }
@@ -875,6 +875,7 @@ impl Trap {
         self.ota_out.clear();
         self.result_publish = None;
         self.chunk_asked_at = None;
+        self.hello_sent_at = None;
         self.hello_answered_at = None;
         let delay = self
             .backoff
@@ -894,6 +895,7 @@ impl Trap {
             }
             Counters::add(&self.world.counters.hellos, 1);
             self.hello_sent = true;
+            self.hello_sent_at = Some(Instant::now());
             self.hello_answered_at = None;
             if let Some(ota) = &self.ota {
                 // Once connected: the pending result, or the next chunk request.
@@ -1222,6 +1224,7 @@ impl Trap {
                     Counters::add(&shared.counters.activations, 1);
                     if self.fate == Fate::Killed {
                         // The new image hangs before its self-test: the watchdog resets it.
+                        self.fate = Fate::Passes;
                         self.reboot(now_ms, ResetReason::Watchdog);
                     }
                 }
@@ -1344,10 +1347,21 @@ impl Trap {
         if self.ota_done || shared.settled.load(Ordering::Relaxed) || shared.rollout.get().is_none() {
             return false;
         }
-        ended
-            || self
-                .hello_answered_at
-                .is_none_or(|at| at.elapsed() < CATCH_UP_GRACE)
+        ended || self.catch_up_until().is_some_and(|at| at > Instant::now())
+    }
+
+    /// Until when a target without an update waits for an offer on this link:
+    /// the hello's answer (bounded by the ack timeout), then the catch-up
+    /// grace after it.
+    fn catch_up_until(&self) -> Option<Instant> {
+        self.world.ota.as_ref()?;
+        match (self.hello_sent_at, self.hello_answered_at) {
+            (_, Some(answered)) => Some(answered + CATCH_UP_GRACE),
+            (Some(sent), None) => {
+                Some(sent + Duration::from_millis(self.world.scenario.network.ack_timeout_ms.into()))
+            }
+            (None, None) => None,
+        }
     }
 
     // ------------------------------------------------------------ pacing
