@@ -1,7 +1,9 @@
 //! A small client of the fleet server's operator API (`/api/v1`, plain
 //! HTTP/1.1, one connection per request): claim tokens for provisioning,
-//! the server's identity, and stored detections for the final check.
+//! the server's identity, stored detections for the final check, and the
+//! firmware upload and rollout of an OTA rehearsal.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -60,6 +62,48 @@ pub struct StoredDetection {
     pub image_digest: u64,
 }
 
+/// A rollout as the server sees it (`GET /rollouts/{id}`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RolloutView {
+    /// `active`, `paused`, `aborted` or `completed`.
+    pub state: String,
+    /// Why it was paused, if it was.
+    pub pause_reason: Option<String>,
+    /// Targets by state (`pending`, `offered`, …, `confirmed`, `rolled_back`).
+    pub counts: BTreeMap<String, u64>,
+    /// Each target's state, by device id.
+    #[serde(skip)]
+    pub devices: BTreeMap<String, String>,
+}
+
+/// Target states the server still moves on from.
+pub const TARGET_STATES_OPEN: [&str; 6] =
+    ["pending", "offered", "downloading", "verifying", "ready", "pending_confirmation"];
+
+impl RolloutView {
+    /// Targets in `state`.
+    pub fn count(&self, state: &str) -> u64 {
+        self.counts.get(state).copied().unwrap_or(0)
+    }
+
+    /// Targets not in a final state.
+    pub fn open(&self) -> u64 {
+        TARGET_STATES_OPEN.iter().map(|s| self.count(s)).sum()
+    }
+}
+
+/// Body of a request.
+enum Body {
+    None,
+    Json(Value),
+    /// Raw bytes with their content type and one extra header.
+    Raw {
+        content_type: &'static str,
+        header: (&'static str, String),
+        bytes: Vec<u8>,
+    },
+}
+
 /// The API at `addr` with a bearer token.
 #[derive(Clone)]
 pub struct ApiClient {
@@ -83,7 +127,7 @@ impl ApiClient {
 
     /// The server's identity public key (`GET /server`), hex.
     pub async fn server_identity(&self) -> Result<String, ApiError> {
-        let answer = self.call(Method::GET, "/server", None).await?;
+        let answer = self.call(Method::GET, "/server", Body::None).await?;
         answer["identity_public_key"]
             .as_str()
             .map(str::to_owned)
@@ -101,7 +145,9 @@ impl ApiClient {
         label: &str,
     ) -> Result<String, ApiError> {
         let body = json!({ "uses": uses, "expires_in_s": expires_in_s, "label": label });
-        let answer = self.call(Method::POST, "/claim-tokens", Some(body)).await?;
+        let answer = self
+            .call(Method::POST, "/claim-tokens", Body::Json(body))
+            .await?;
         answer["token"]
             .as_str()
             .map(str::to_owned)
@@ -123,7 +169,7 @@ impl ApiClient {
             target.push_str("&cursor=");
             target.push_str(&percent_encode(cursor));
         }
-        let answer = self.call(Method::GET, &target, None).await?;
+        let answer = self.call(Method::GET, &target, Body::None).await?;
         let unexpected =
             |message: &str| ApiError::Unexpected { what: format!("GET {target}"), message: message.into() };
         let items = answer["items"]
@@ -144,7 +190,74 @@ impl ApiClient {
         Ok((page, next))
     }
 
-    async fn call(&self, method: Method, target: &str, body: Option<Value>) -> Result<Value, ApiError> {
+    /// Uploads a firmware image with its signed manifest (`POST /firmware`,
+    /// admin; the same image again is the same firmware): its id.
+    pub async fn upload_firmware(&self, image: Vec<u8>, manifest_base64: String) -> Result<u32, ApiError> {
+        let body = Body::Raw {
+            content_type: "application/octet-stream",
+            header: ("x-wildcam-manifest", manifest_base64),
+            bytes: image,
+        };
+        let answer = self.call(Method::POST, "/firmware", body).await?;
+        id_of(&answer["firmware"], "POST /firmware")
+    }
+
+    /// Creates a rollout of `firmware_id` to `devices` (`POST /rollouts`, admin): its id.
+    pub async fn create_rollout(
+        &self,
+        firmware_id: u32,
+        devices: &[String],
+        max_in_flight: u32,
+        failure_threshold: u32,
+    ) -> Result<u32, ApiError> {
+        let body = json!({
+            "firmware_id": firmware_id,
+            "devices": devices,
+            "max_in_flight": max_in_flight,
+            "failure_threshold": failure_threshold,
+        });
+        let answer = self
+            .call(Method::POST, "/rollouts", Body::Json(body))
+            .await?;
+        id_of(&answer, "POST /rollouts")
+    }
+
+    /// A rollout's state, counts and targets (`GET /rollouts/{id}`).
+    pub async fn rollout(&self, id: u32) -> Result<RolloutView, ApiError> {
+        let target = format!("/rollouts/{id}");
+        let answer = self.call(Method::GET, &target, Body::None).await?;
+        let unexpected =
+            |message: &str| ApiError::Unexpected { what: format!("GET {target}"), message: message.into() };
+        let state = answer["state"]
+            .as_str()
+            .ok_or_else(|| unexpected("no state"))?;
+        let counts = answer["counts"]
+            .as_object()
+            .ok_or_else(|| unexpected("no counts"))?
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+            .collect();
+        let devices = answer["devices"]
+            .as_array()
+            .ok_or_else(|| unexpected("no devices"))?
+            .iter()
+            .filter_map(|d| Some((d["device_id"].as_str()?.to_owned(), d["state"].as_str()?.to_owned())))
+            .collect();
+        Ok(RolloutView {
+            state: state.to_owned(),
+            pause_reason: answer["pause_reason"].as_str().map(str::to_owned),
+            counts,
+            devices,
+        })
+    }
+
+    /// A device's registry entry (`GET /devices/{id}`), as JSON.
+    pub async fn device(&self, id: &str) -> Result<Value, ApiError> {
+        self.call(Method::GET, &format!("/devices/{id}"), Body::None)
+            .await
+    }
+
+    async fn call(&self, method: Method, target: &str, body: Body) -> Result<Value, ApiError> {
         let what = format!("{method} {PREFIX}{target}");
         let exchange = self.exchange(method, target, body);
         let (status, bytes) = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
@@ -166,7 +279,7 @@ impl ApiClient {
         &self,
         method: Method,
         target: &str,
-        body: Option<Value>,
+        body: Body,
     ) -> Result<(StatusCode, Bytes), String> {
         let stream = tokio::net::TcpStream::connect(self.addr)
             .await
@@ -181,10 +294,19 @@ impl ApiClient {
             .header(header::HOST, self.addr.to_string())
             .header(header::ACCEPT, "application/json")
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
-        if body.is_some() {
-            builder = builder.header(header::CONTENT_TYPE, "application/json");
-        }
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let body = match body {
+            Body::None => Vec::new(),
+            Body::Json(value) => {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+                value.to_string().into_bytes()
+            }
+            Body::Raw { content_type, header: (name, value), bytes } => {
+                builder = builder
+                    .header(header::CONTENT_TYPE, content_type)
+                    .header(name, value);
+                bytes
+            }
+        };
         let request = builder
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
@@ -202,6 +324,14 @@ impl ApiClient {
         driver.abort();
         Ok((status, bytes))
     }
+}
+
+/// The `id` of an answer's object.
+fn id_of(object: &Value, what: &str) -> Result<u32, ApiError> {
+    object["id"]
+        .as_u64()
+        .and_then(|id| u32::try_from(id).ok())
+        .ok_or_else(|| ApiError::Unexpected { what: what.into(), message: "no id".into() })
 }
 
 /// 16 hex digits → the digest as a big-endian `u64`.

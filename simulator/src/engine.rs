@@ -2,6 +2,12 @@
 //! drain, then check with the server that every generated detection is
 //! stored exactly once, and report.
 //!
+//! An OTA rehearsal adds: the signing key is read and the image signed before
+//! anything else, the image uploaded after provisioning (idempotent: the
+//! same image again is the same firmware), the rollout created at
+//! `ota.start_h` virtual time naming this run's traps, watched until the
+//! server says it is over, and read back for the report.
+//!
 //! [`Simulation::prepare`] does everything up to the start and returns the
 //! shared [`World`] (its counters can be watched while it runs, as the CI test
 //! does to restart the server in the middle); [`Simulation::run`] runs it.
@@ -16,10 +22,11 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::api::{ApiClient, ApiError};
+use crate::api::{ApiClient, ApiError, RolloutView};
 use crate::clock::{PACER_PERIOD, Pacer, VirtualClock};
 use crate::fleet::{ClaimSetup, FleetError, FleetState, TrapPlan, TrapState};
-use crate::report::{Check, Report};
+use crate::ota::{Firmware, OtaSetupError, OtaShared, RolloutStart};
+use crate::report::{Check, OtaReport, Report};
 use crate::scenario::Scenario;
 use crate::stats::{Counters, Histogram, ProcessSample};
 use crate::trap::{Mode, Trap, TrapOutcome, World};
@@ -36,6 +43,10 @@ const READY_TIMEOUT: Duration = Duration::from_secs(600);
 const CHECKS_AT_ONCE: usize = 8;
 /// Lifetime of the claim tokens the simulator creates, seconds.
 const CLAIM_TOKEN_LIFETIME_S: u32 = 86_400;
+/// How often the rollout is read while it runs (and while reading it back).
+const ROLLOUT_POLL: Duration = Duration::from_millis(500);
+/// Longest wait at the end for the server to record the last results.
+const ROLLOUT_READ_BACK_MAX: Duration = Duration::from_secs(10);
 
 /// What the traps talk to.
 #[derive(Debug, Clone)]
@@ -90,6 +101,9 @@ pub enum EngineError {
     /// Provisioning or the state directory failed.
     #[error(transparent)]
     Fleet(#[from] FleetError),
+    /// The OTA rehearsal could not be set up (its signing key).
+    #[error(transparent)]
+    Ota(#[from] OtaSetupError),
     /// Something else.
     #[error("{0}")]
     Setup(String),
@@ -104,6 +118,16 @@ pub struct Simulation {
     state: Option<FleetState>,
     provisioned: usize,
     provisioning_s: f64,
+    ota: Option<OtaPlan>,
+}
+
+/// What the engine needs to run a rollout.
+#[derive(Debug, Clone)]
+struct OtaPlan {
+    firmware_id: u32,
+    image_bytes: u64,
+    /// Every trap of the run.
+    devices: Vec<String>,
 }
 
 impl Simulation {
@@ -111,7 +135,17 @@ impl Simulation {
     pub async fn prepare(options: Options) -> Result<Self, EngineError> {
         let scenario = options.scenario.clone();
         let traps = scenario.fleet.traps;
+        let firmware = match (&options.target, scenario.ota.enabled) {
+            (_, false) => None,
+            (Target::Fleet { .. }, true) => Some(Firmware::load(&scenario)?),
+            (Target::Plain { .. }, true) => {
+                return Err(EngineError::Setup(
+                    "an OTA rehearsal ([ota] enabled) needs the fleet server, not a plain broker".into(),
+                ));
+            }
+        };
         let started = Instant::now();
+        let mut firmware_id = None;
         let (mode, mqtt, mut state, provisioned) = match &options.target {
             Target::Fleet { mqtt, http, api_token, provision_password, claim_tokens, claims_per_token } => {
                 let api = ApiClient::new(*http, api_token.clone());
@@ -146,6 +180,12 @@ impl Simulation {
                     }
                 }
                 state.save(false)?;
+                if let Some(firmware) = &firmware {
+                    firmware_id = Some(
+                        api.upload_firmware(firmware.image.clone(), firmware.manifest_header())
+                            .await?,
+                    );
+                }
                 (Mode::Fleet, *mqtt, Some(state), provisioned)
             }
             Target::Plain { mqtt, credentials } => {
@@ -153,8 +193,9 @@ impl Simulation {
             }
         };
         let provisioning_s = started.elapsed().as_secs_f64();
-        let world = Arc::new(world(&scenario, mode, mqtt));
+        let world = Arc::new(world(&scenario, mode, mqtt, firmware.as_ref().map(OtaShared::new)));
         let mut built = Vec::with_capacity(traps as usize);
+        let mut devices = Vec::with_capacity(traps as usize);
         for index in 0..traps {
             let trap_state = match state.as_mut() {
                 Some(state) => state
@@ -162,12 +203,20 @@ impl Simulation {
                     .ok_or_else(|| EngineError::Setup(format!("trap {index} has no credentials")))?,
                 None => TrapState::plain(scenario.seed, index),
             };
+            devices.push(trap_state.device_id.as_str().to_owned());
             let plan = TrapPlan::draw(&scenario, index);
             let trap = Trap::new(plan, trap_state, world.clone())
                 .map_err(|e| EngineError::Setup(format!("trap {index}: queue: {e}")))?;
             built.push(trap);
         }
-        Ok(Self { world, options, traps: built, state, provisioned, provisioning_s })
+        let ota = firmware
+            .zip(firmware_id)
+            .map(|(firmware, firmware_id)| OtaPlan {
+                firmware_id,
+                image_bytes: firmware.image.len() as u64,
+                devices,
+            });
+        Ok(Self { world, options, traps: built, state, provisioned, provisioning_s, ota })
     }
 
     /// The shared state, to watch the counters while the run goes on.
@@ -200,11 +249,19 @@ impl Simulation {
             .options
             .progress
             .then(|| AbortOnDrop(tokio::spawn(progress(world.clone(), trap_count))));
+        let rollout = match (&self.ota, &self.options.target) {
+            (Some(plan), Target::Fleet { http, api_token, .. }) => {
+                let api = ApiClient::new(*http, api_token.clone());
+                Some(AbortOnDrop(tokio::spawn(drive_rollout(world.clone(), api, plan.clone()))))
+            }
+            _ => None,
+        };
         let mut outcomes = Vec::with_capacity(trap_count);
         while let Some(joined) = tasks.join_next().await {
             outcomes.push(joined.map_err(|e| EngineError::Setup(format!("a trap task failed: {e}")))?);
         }
         let day_s = day_started.elapsed().as_secs_f64();
+        drop(rollout);
         let after = ProcessSample::now();
         if self.options.progress {
             eprintln!();
@@ -217,11 +274,16 @@ impl Simulation {
             state.save(true)?;
         }
         let check_started = Instant::now();
-        let check = match &self.options.target {
+        let (check, ota) = match &self.options.target {
             Target::Fleet { http, api_token, .. } => {
-                Some(check_stored(ApiClient::new(*http, api_token.clone()), &outcomes).await?)
+                let api = ApiClient::new(*http, api_token.clone());
+                let ota = match &self.ota {
+                    Some(plan) => Some(ota_report(&world, &api, plan).await),
+                    None => None,
+                };
+                (Some(check_stored(api, &outcomes).await?), ota)
             }
-            Target::Plain { .. } => None,
+            Target::Plain { .. } => (None, None),
         };
         let timings = crate::report::Timings {
             provisioning_s: self.provisioning_s,
@@ -231,7 +293,7 @@ impl Simulation {
             total_s: overall.elapsed().as_secs_f64() + self.provisioning_s,
         };
         let samples = crate::report::Samples { before, connected, after };
-        Ok(Report::build(&world, &outcomes, check, self.provisioned, timings, samples))
+        Ok(Report::build(&world, &outcomes, check, self.provisioned, timings, samples, ota))
     }
 }
 
@@ -257,7 +319,7 @@ async fn wait_ready(world: &World, traps: usize, show: bool) {
     }
 }
 
-fn world(scenario: &Scenario, mode: Mode, mqtt: SocketAddr) -> World {
+fn world(scenario: &Scenario, mode: Mode, mqtt: SocketAddr, ota: Option<OtaShared>) -> World {
     let start_ms = u64::from(scenario.time.start_unix_s) * 1_000;
     let (factor, pacer) = match scenario.time.compression.factor() {
         Some(factor) => (factor, None),
@@ -278,6 +340,7 @@ fn world(scenario: &Scenario, mode: Mode, mqtt: SocketAddr) -> World {
         started: watch::channel(false).0,
         sped_up: watch::channel(0).0,
         abort: AtomicBool::new(false),
+        ota,
         scenario: scenario.clone(),
         mode,
         mqtt,
@@ -343,6 +406,86 @@ async fn progress(world: Arc<World>, traps: usize) {
             Counters::get(&c.traps_done),
             traps,
         );
+    }
+}
+
+/// Creates the rollout at `ota.start_h` virtual time, then watches it until
+/// the server says it is over (completed, paused, aborted): targets still
+/// waiting for an offer stop waiting then.
+async fn drive_rollout(world: Arc<World>, api: ApiClient, plan: OtaPlan) {
+    let Some(shared) = world.ota.as_ref() else {
+        return;
+    };
+    let ota = &world.scenario.ota;
+    let at_ms = world.clock.start_ms() + (ota.start_h * 3_600_000.0) as u64;
+    while world.clock.now_ms() < at_ms {
+        if world.abort.load(Ordering::Relaxed) {
+            return;
+        }
+        let wake = world
+            .clock
+            .real_deadline(at_ms)
+            .min(Instant::now() + ROLLOUT_POLL);
+        tokio::time::sleep_until(wake).await;
+    }
+    let (at, at_virtual_ms) = (Instant::now(), world.clock.now_ms());
+    let created = api
+        .create_rollout(plan.firmware_id, &plan.devices, ota.max_in_flight, ota.failure_threshold)
+        .await;
+    let id = match created {
+        Ok(id) => id,
+        Err(error) => {
+            eprintln!("wildcam-sim: the rollout was not created: {error}");
+            shared.fail(error.to_string());
+            return;
+        }
+    };
+    let _ = shared.rollout.set(RolloutStart { id, at, at_virtual_ms });
+    loop {
+        tokio::time::sleep(ROLLOUT_POLL).await;
+        if let Ok(view) = api.rollout(id).await
+            && view.state != "active"
+        {
+            shared.settled.store(true, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
+/// Reads the rollout back (waiting, bounded, for the last results to be
+/// recorded) and builds the report's OTA section.
+async fn ota_report(world: &World, api: &ApiClient, plan: &OtaPlan) -> OtaReport {
+    let ota = &world.scenario.ota;
+    let base = OtaReport {
+        firmware_id: plan.firmware_id,
+        image_bytes: plan.image_bytes,
+        from_version: ota.from_version.clone(),
+        to_version: ota.to_version.clone(),
+        targets: plan.devices.len() as u64,
+        ..OtaReport::default()
+    };
+    let Some(shared) = world.ota.as_ref() else {
+        return base;
+    };
+    let Some(start) = shared.rollout.get() else {
+        let error = shared
+            .error()
+            .unwrap_or_else(|| "the rollout was never created (the run ended first)".into());
+        return OtaReport::build(shared, OtaReport { error: Some(error), ..base }, None);
+    };
+    let deadline = Instant::now() + ROLLOUT_READ_BACK_MAX;
+    let mut last: Result<RolloutView, ApiError>;
+    loop {
+        last = api.rollout(start.id).await;
+        let report = OtaReport::build(shared, base.clone(), last.as_ref().ok().cloned());
+        if report.ok || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(ROLLOUT_POLL).await;
+    }
+    match last {
+        Ok(view) => OtaReport::build(shared, base, Some(view)),
+        Err(error) => OtaReport::build(shared, OtaReport { error: Some(error.to_string()), ..base }, None),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod engine;
 pub mod fleet;
 pub mod mqtt;
+pub mod ota;
 pub mod power;
 pub mod report;
 pub mod rng;

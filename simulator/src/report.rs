@@ -1,10 +1,14 @@
 //! The final report: what was generated, sent, acknowledged and stored, what
 //! was lost or duplicated, latency, throughput, connections, and the
-//! simulator's own CPU and memory; as JSON (for CI) or a table.
+//! simulator's own CPU and memory, and an OTA rehearsal's rollout; as JSON
+//! (for CI) or a table.
+
+use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::api::StoredDetection;
+use crate::api::{RolloutView, StoredDetection};
+use crate::ota::OtaShared;
 use crate::stats::{Counters, ProcessSample};
 use crate::trap::{Mode, TrapOutcome, World};
 
@@ -122,9 +126,194 @@ pub struct Report {
     pub simulator: SimulatorUsage,
     /// Wall-clock phases.
     pub timings: Timings,
+    /// The OTA rehearsal (scenarios with `[ota] enabled`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ota: Option<OtaReport>,
     /// No detection lost, duplicated, unknown or altered (always false
-    /// against a plain broker, where nothing is checked).
+    /// against a plain broker, where nothing is checked), and the OTA
+    /// rehearsal (if any) checked out.
     pub ok: bool,
+}
+
+/// The OTA rehearsal: the traps' side, and the server's read back.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OtaReport {
+    /// The server's rollout id (absent if it could not be created).
+    pub rollout_id: Option<u32>,
+    /// The server's firmware id.
+    pub firmware_id: u32,
+    /// Image size, bytes.
+    pub image_bytes: u64,
+    /// Version at the start.
+    pub from_version: String,
+    /// Version rolled out.
+    pub to_version: String,
+    /// Traps the rollout names.
+    pub targets: u64,
+    /// Offers the traps received (repeats included).
+    pub offers_received: u64,
+    /// Chunk requests sent (retries included).
+    pub chunk_requests: u64,
+    /// Chunk requests sent again after no chunk came in time.
+    pub chunk_timeouts: u64,
+    /// Chunks refused by the machine (stale duplicates).
+    pub chunks_refused: u64,
+    /// Image bytes written to the traps' slots.
+    pub bytes_downloaded: u64,
+    /// Downloads picked up after a reboot at their persisted offset.
+    pub downloads_resumed: u64,
+    /// Reboots into the new image.
+    pub activations: u64,
+    /// Traps that confirmed the new image.
+    pub confirmed: u64,
+    /// Traps rolled back after a failed self-test (`SelfTestFailed`).
+    pub rolled_back_self_test: u64,
+    /// Traps the bootloader rolled back (`RolledBack`).
+    pub rolled_back_bootloader: u64,
+    /// Other outcomes delivered, by outcome.
+    pub failed: BTreeMap<String, u64>,
+    /// Targets that delivered no final result.
+    pub without_result: u64,
+    /// Rollout creation to the last outcome, real seconds.
+    pub rollout_real_s: Option<f64>,
+    /// Rollout creation to the last outcome, virtual hours.
+    pub rollout_virtual_h: Option<f64>,
+    /// The rollout as the server reports it at the end.
+    pub server: Option<RolloutView>,
+    /// The server's confirmed and rolled-back counts equal the traps'.
+    pub counts_agree: bool,
+    /// Every target reached a final state on the server.
+    pub all_final: bool,
+    /// Why the rollout could not be created or read back.
+    pub error: Option<String>,
+    /// Created, every target final, counts agree.
+    pub ok: bool,
+}
+
+impl OtaReport {
+    /// From the traps' counters and the server's view of the rollout.
+    pub fn build(shared: &OtaShared, base: OtaReport, server: Option<RolloutView>) -> Self {
+        let c = &shared.counters;
+        let start = shared.rollout.get().copied();
+        let last = shared.last_outcome();
+        let (rollout_real_s, rollout_virtual_h) = match (start, last) {
+            (Some(start), Some((at, at_ms))) => (
+                Some(at.saturating_duration_since(start.at).as_secs_f64()),
+                Some(at_ms.saturating_sub(start.at_virtual_ms) as f64 / 3_600_000.0),
+            ),
+            _ => (None, None),
+        };
+        let confirmed = Counters::get(&c.confirmed);
+        let self_test = Counters::get(&c.self_test_failed);
+        let bootloader = Counters::get(&c.rolled_back);
+        let counts_agree = server.as_ref().is_some_and(|view| {
+            view.count("confirmed") == confirmed && view.count("rolled_back") == self_test + bootloader
+        });
+        let all_final = server.as_ref().is_some_and(|view| view.open() == 0);
+        let ok = base.error.is_none() && start.is_some() && counts_agree && all_final;
+        Self {
+            rollout_id: start.map(|s| s.id),
+            offers_received: Counters::get(&c.offers),
+            chunk_requests: Counters::get(&c.chunk_requests),
+            chunk_timeouts: Counters::get(&c.chunk_timeouts),
+            chunks_refused: Counters::get(&c.chunks_refused),
+            bytes_downloaded: Counters::get(&c.bytes),
+            downloads_resumed: Counters::get(&c.resumed),
+            activations: Counters::get(&c.activations),
+            confirmed,
+            rolled_back_self_test: self_test,
+            rolled_back_bootloader: bootloader,
+            failed: c.failed.lock().map(|f| f.clone()).unwrap_or_default(),
+            without_result: base.targets.saturating_sub(Counters::get(&c.results)),
+            rollout_real_s,
+            rollout_virtual_h,
+            server,
+            counts_agree,
+            all_final,
+            ok,
+            ..base
+        }
+    }
+
+    fn rows(&self, rows: &mut Vec<(&'static str, String)>) {
+        rows.push((
+            "ota rollout",
+            format!(
+                "{} {} → {}, {} KiB image, {} targets",
+                self.rollout_id
+                    .map_or_else(|| "not created".to_owned(), |id| format!("#{id}")),
+                self.from_version,
+                self.to_version,
+                self.image_bytes / 1_024,
+                count(self.targets)
+            ),
+        ));
+        let failed: Vec<String> = self
+            .failed
+            .iter()
+            .map(|(outcome, n)| format!("{n} {outcome}"))
+            .collect();
+        rows.push((
+            "ota outcomes",
+            format!(
+                "{} confirmed, {} rolled back ({} self-test, {} bootloader), {} failed{}, {} without a result",
+                count(self.confirmed),
+                self.rolled_back_self_test + self.rolled_back_bootloader,
+                self.rolled_back_self_test,
+                self.rolled_back_bootloader,
+                self.failed.values().sum::<u64>(),
+                if failed.is_empty() { String::new() } else { format!(" ({})", failed.join(", ")) },
+                self.without_result
+            ),
+        ));
+        rows.push((
+            "ota download",
+            format!(
+                "{} offers, {} chunk requests ({} timed out), {:.1} MiB, {} resumed after a reboot, {} activations",
+                count(self.offers_received),
+                count(self.chunk_requests),
+                self.chunk_timeouts,
+                self.bytes_downloaded as f64 / 1_048_576.0,
+                self.downloads_resumed,
+                self.activations
+            ),
+        ));
+        if let (Some(real), Some(virtual_h)) = (self.rollout_real_s, self.rollout_virtual_h) {
+            rows.push((
+                "ota duration",
+                format!("creation to last outcome: {real:.1} s real, {virtual_h:.2} virtual h"),
+            ));
+        }
+        let server = match &self.server {
+            Some(view) => {
+                let counts: Vec<String> = view
+                    .counts
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(state, n)| format!("{state} {n}"))
+                    .collect();
+                let reason = view
+                    .pause_reason
+                    .as_deref()
+                    .map_or(String::new(), |r| format!(" ({r})"));
+                format!("{}{reason}: {}", view.state, counts.join(", "))
+            }
+            None => "not read".to_owned(),
+        };
+        rows.push(("ota server", server));
+        let verdict = if self.ok {
+            "OK: every target final, server and traps agree".to_owned()
+        } else if let Some(error) = &self.error {
+            format!("FAILED: {error}")
+        } else {
+            format!(
+                "FAILED: {}{}",
+                if self.all_final { "" } else { "targets left unfinished; " },
+                if self.counts_agree { "" } else { "server and trap counts differ" }
+            )
+        };
+        rows.push(("ota check", verdict));
+    }
 }
 
 /// Detection counts.
@@ -227,6 +416,7 @@ impl Report {
         provisioned: usize,
         timings: Timings,
         samples: Samples,
+        ota: Option<OtaReport>,
     ) -> Self {
         let c = &world.counters;
         let scenario = &world.scenario;
@@ -234,7 +424,8 @@ impl Report {
         let traps = scenario.fleet.traps;
         let ok = check
             .as_ref()
-            .is_some_and(|k| k.lost == 0 && k.duplicates == 0 && k.unknown == 0 && k.mismatched == 0);
+            .is_some_and(|k| k.lost == 0 && k.duplicates == 0 && k.unknown == 0 && k.mismatched == 0)
+            && ota.as_ref().is_none_or(|o| o.ok);
         let added_rss = samples
             .connected
             .rss_bytes
@@ -292,6 +483,7 @@ impl Report {
                     / f64::from(traps.max(1)),
             },
             timings,
+            ota,
             ok,
         }
     }
@@ -304,7 +496,7 @@ impl Report {
     /// The report as a readable table.
     pub fn to_table(&self) -> String {
         let d = &self.detections;
-        let mut rows: Vec<(&str, String)> = vec![
+        let mut rows: Vec<(&'static str, String)> = vec![
             (
                 "scenario",
                 format!(
@@ -390,6 +582,9 @@ impl Report {
                 t.provisioning_s, c.provisioned, t.connect_s, t.day_s, t.check_s, t.total_s
             ),
         ));
+        if let Some(ota) = &self.ota {
+            ota.rows(&mut rows);
+        }
         rows.push((
             "result",
             if self.ok { "OK: every detection stored exactly once".into() } else { self.verdict() },
@@ -407,6 +602,9 @@ impl Report {
     fn verdict(&self) -> String {
         match &self.detections.check {
             None => "not checked (plain broker)".into(),
+            Some(k) if k.lost + k.duplicates + k.unknown + k.mismatched == 0 => {
+                "FAILED: the OTA rehearsal did not check out (see ota check)".into()
+            }
             Some(k) => format!(
                 "FAILED: {} lost, {} duplicated, {} unknown, {} altered",
                 k.lost, k.duplicates, k.unknown, k.mismatched

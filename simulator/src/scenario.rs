@@ -6,9 +6,10 @@
 //! (`deny_unknown_fields`) and every value is range-checked by
 //! [`Scenario::validate`], which names the offending key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use wildcam_sdk::protocol::FirmwareVersion;
 
 use crate::activity::Pattern;
 
@@ -24,6 +25,14 @@ pub const QUEUE_CAPACITIES: [usize; 4] = [64, 256, 1_024, 4_096];
 pub const SPECIES_MAX: usize = 64;
 /// Most scheduled events in a scenario.
 pub const EVENTS_MAX: usize = 64;
+/// Image sizes an OTA rehearsal may use, KiB.
+pub const OTA_IMAGE_KIB: std::ops::RangeInclusive<u32> = 1..=4_096;
+/// Most traps one rollout names (the fleet server's limit of an explicit list).
+pub const OTA_TRAPS_MAX: u32 = 10_000;
+/// Bounds of `ota.max_in_flight` (as the fleet server's).
+pub const OTA_MAX_IN_FLIGHT: std::ops::RangeInclusive<u32> = 1..=10_000;
+/// Bounds of `ota.failure_threshold` (as the fleet server's).
+pub const OTA_FAILURE_THRESHOLD: std::ops::RangeInclusive<u32> = 1..=100_000;
 
 /// Why a scenario was refused.
 #[derive(Debug, thiserror::Error)]
@@ -92,9 +101,13 @@ pub struct Scenario {
     /// Connection handling.
     #[serde(default)]
     pub network: NetworkConfig,
-    /// OTA rehearsal: reserved for the OTA issue.
+    /// OTA rehearsal: a signed image rolled out to the fleet.
     #[serde(default)]
     pub ota: OtaConfig,
+    /// The directory of the scenario file (relative paths in it start
+    /// there); `None` for text parsed without a file (the current directory).
+    #[serde(skip)]
+    pub dir: Option<PathBuf>,
 }
 
 fn default_seed() -> u64 {
@@ -395,15 +408,67 @@ impl Default for NetworkConfig {
     }
 }
 
-/// OTA rehearsal: the extension point for the OTA issue. A scenario may
-/// carry `[ota] enabled = false`; `true` is refused until the rehearsal
-/// (offers through the server, chunk pulls, the SDK's `ota::machine`,
-/// reboots into the new slot, confirmations) is built.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+/// OTA rehearsal: the simulator signs a synthetic image (its content drawn
+/// from the seed) with `signing_key`, uploads it to the fleet server and, at
+/// `start_h`, creates a rollout naming every trap of the run. Each trap runs
+/// the SDK's `OtaMachine` over a slot in RAM: chunk pulls, verification,
+/// reboot into the new image, self-test, confirmation or rollback.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct OtaConfig {
-    /// Whether to rehearse a rollout.
+    /// Whether to rehearse a rollout (needs the fleet server).
     pub enabled: bool,
+    /// The firmware signing private key (PKCS#8 PEM, as `cargo xtask keygen`
+    /// writes it), relative to the scenario file's directory or absolute.
+    /// Read when the run starts; the server must accept its public key
+    /// (`[ota] signing_keys`).
+    pub signing_key: String,
+    /// Size of the synthetic image, KiB (1..=4096).
+    pub image_kib: u32,
+    /// The version every trap runs at the start (`MAJOR.MINOR.PATCH`).
+    pub from_version: String,
+    /// The version rolled out; newer than `from_version`.
+    pub to_version: String,
+    /// Virtual hours after the start when the rollout is created (within the run).
+    pub start_h: f64,
+    /// Traps offered, downloading or verifying at once (the rollout's `max_in_flight`).
+    pub max_in_flight: u32,
+    /// Failed or rolled-back traps that pause the rollout.
+    pub failure_threshold: u32,
+    /// Fraction of updated traps whose new image fails its self-test (they
+    /// roll back and report `SelfTestFailed`).
+    pub self_test_failure_rate: f64,
+    /// Fraction of updated traps killed after booting the new image and
+    /// before confirming it: the bootloader rolls back (`RolledBack`).
+    pub bootloader_rollback_rate: f64,
+    /// The manifest's minimum battery voltage, mV (0: none); traps below it
+    /// refuse the offer (`BatteryTooLow`).
+    pub min_battery_mv: u16,
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            signing_key: String::new(),
+            image_kib: 256,
+            from_version: "1.0.0".into(),
+            to_version: "1.1.0".into(),
+            start_h: 0.0,
+            max_in_flight: 50,
+            failure_threshold: 5,
+            self_test_failure_rate: 0.0,
+            bootloader_rollback_rate: 0.0,
+            min_battery_mv: 0,
+        }
+    }
+}
+
+/// `"1.2.3"` → the version; `None` unless three numbers separated by dots.
+pub fn parse_version(text: &str) -> Option<FirmwareVersion> {
+    let mut parts = text.trim().split('.').map(|p| p.parse::<u16>().ok());
+    let version = FirmwareVersion { major: parts.next()??, minor: parts.next()??, patch: parts.next()?? };
+    parts.next().is_none().then_some(version)
 }
 
 impl Scenario {
@@ -411,7 +476,9 @@ impl Scenario {
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ScenarioError::Read { path: path.display().to_string(), source })?;
-        Self::parse(&text, &format!(" in {}", path.display()))
+        let mut scenario = Self::parse(&text, &format!(" in {}", path.display()))?;
+        scenario.dir = path.parent().map(Path::to_path_buf);
+        Ok(scenario)
     }
 
     /// Parses and validates scenario text; `origin` prefixes error messages.
@@ -529,13 +596,7 @@ impl Scenario {
         self.validate_power(&bad, &fraction, &positive)?;
         self.validate_faults(&bad, &fraction, &positive)?;
         self.validate_network(&bad)?;
-        if self.ota.enabled {
-            return Err(bad(
-                "ota.enabled",
-                "is reserved for the OTA issue: OTA rehearsal is not implemented yet; leave it false".into(),
-            ));
-        }
-        Ok(())
+        self.validate_ota(&bad, &fraction)
     }
 
     fn validate_power(
@@ -641,6 +702,82 @@ impl Scenario {
         Ok(())
     }
 
+    fn validate_ota(
+        &self,
+        bad: &impl Fn(&str, String) -> ScenarioError,
+        fraction: &impl Fn(&str, f64) -> Result<(), ScenarioError>,
+    ) -> Result<(), ScenarioError> {
+        let ota = &self.ota;
+        if !OTA_IMAGE_KIB.contains(&ota.image_kib) {
+            return Err(bad("ota.image_kib", format!("must be within 1..=4096, not {}", ota.image_kib)));
+        }
+        let version = |key: &str, text: &str| {
+            parse_version(text)
+                .ok_or_else(|| bad(key, format!("must be a version like \"1.2.3\", not {text:?}")))
+        };
+        let from = version("ota.from_version", &ota.from_version)?;
+        let to = version("ota.to_version", &ota.to_version)?;
+        if to <= from {
+            return Err(bad(
+                "ota.to_version",
+                format!("must be newer than ota.from_version ({})", ota.from_version),
+            ));
+        }
+        if !(ota.start_h >= 0.0 && ota.start_h < self.time.duration_h) {
+            return Err(bad(
+                "ota.start_h",
+                format!("must be within the run (0..{}), not {}", self.time.duration_h, ota.start_h),
+            ));
+        }
+        if !OTA_MAX_IN_FLIGHT.contains(&ota.max_in_flight) {
+            return Err(bad(
+                "ota.max_in_flight",
+                format!("must be within 1..=10000, not {}", ota.max_in_flight),
+            ));
+        }
+        if !OTA_FAILURE_THRESHOLD.contains(&ota.failure_threshold) {
+            return Err(bad(
+                "ota.failure_threshold",
+                format!("must be within 1..=100000, not {}", ota.failure_threshold),
+            ));
+        }
+        fraction("ota.self_test_failure_rate", ota.self_test_failure_rate)?;
+        fraction("ota.bootloader_rollback_rate", ota.bootloader_rollback_rate)?;
+        if ota.self_test_failure_rate + ota.bootloader_rollback_rate > 1.0 {
+            return Err(bad(
+                "ota.bootloader_rollback_rate",
+                "plus ota.self_test_failure_rate must not exceed 1".into(),
+            ));
+        }
+        if ota.enabled {
+            if ota.signing_key.trim().is_empty() {
+                return Err(bad(
+                    "ota.signing_key",
+                    "must name the firmware signing key file (`cargo xtask keygen --out PATH`)".into(),
+                ));
+            }
+            if self.fleet.traps > OTA_TRAPS_MAX {
+                return Err(bad(
+                    "fleet.traps",
+                    format!(
+                        "must be at most {OTA_TRAPS_MAX} with [ota] enabled (a rollout names at most that many devices)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The OTA signing key file: relative to the scenario file's directory
+    /// (or the current directory), or absolute.
+    pub fn ota_signing_key_path(&self) -> PathBuf {
+        let path = Path::new(&self.ota.signing_key);
+        match &self.dir {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        }
+    }
+
     /// Virtual duration, milliseconds.
     pub fn duration_ms(&self) -> u64 {
         (self.time.duration_h * 3_600_000.0) as u64
@@ -678,12 +815,65 @@ mod tests {
         assert!(error("name = \"x\"\n[activity]\nblank_rate = 1.5").contains("`activity.blank_rate`"));
         assert!(error("name = \"x\"\n[time]\ncompression = \"fast\"").contains("`time.compression`"));
         assert!(error("name = \"x\"\n[fleet]\nqueue_capacity = 100").contains("`fleet.queue_capacity`"));
-        assert!(error("name = \"x\"\n[ota]\nenabled = true").contains("`ota.enabled`"));
         let event = "name = \"x\"\n[[events]]\nkind = \"traps_offline\"\nat_h = 30.0\nduration_h = 1.0";
         assert!(error(event).contains("`events[0].at_h`"));
         assert!(
             error("name = \"x\"\n[[species]]\nname = \"a\"\nlabel = 1\npattern = \"sometimes\"")
                 .contains("sometimes")
         );
+    }
+
+    const OTA: &str = "name = \"x\"\n[ota]\nenabled = true\nsigning_key = \"fw.key\"\n";
+
+    #[test]
+    fn an_ota_rehearsal_is_accepted_and_its_keys_range_checked() {
+        let scenario = Scenario::parse(OTA, "").unwrap();
+        assert!(scenario.ota.enabled);
+        assert_eq!(scenario.ota_signing_key_path(), PathBuf::from("fw.key"));
+        assert_eq!(parse_version("1.10.3"), Some(FirmwareVersion { major: 1, minor: 10, patch: 3 }));
+        for bad in ["1.0", "1.0.0.0", "1.x.0", "", "1.0.70000"] {
+            assert_eq!(parse_version(bad), None, "{bad}");
+        }
+        let cases = [
+            ("image_kib = 0", "`ota.image_kib`"),
+            ("image_kib = 4097", "`ota.image_kib`"),
+            ("from_version = \"one\"", "`ota.from_version`"),
+            ("to_version = \"1.0.0\"", "`ota.to_version`"),
+            ("to_version = \"0.9.9\"", "`ota.to_version`"),
+            ("start_h = 24.0", "`ota.start_h`"),
+            ("start_h = -1.0", "`ota.start_h`"),
+            ("max_in_flight = 0", "`ota.max_in_flight`"),
+            ("failure_threshold = 0", "`ota.failure_threshold`"),
+            ("self_test_failure_rate = 1.5", "`ota.self_test_failure_rate`"),
+            ("bootloader_rollback_rate = -0.1", "`ota.bootloader_rollback_rate`"),
+            (
+                "self_test_failure_rate = 0.6\nbootloader_rollback_rate = 0.6",
+                "`ota.bootloader_rollback_rate`",
+            ),
+            ("image_mib = 1", "image_mib"),
+        ];
+        for (line, key) in cases {
+            let text = format!("{OTA}{line}\n");
+            assert!(error(&text).contains(key), "{line}: {}", error(&text));
+        }
+        let keyless = OTA.replace("fw.key", " ");
+        assert!(error(&keyless).contains("`ota.signing_key`"));
+        let many = format!("{OTA}[fleet]\ntraps = 10001\n");
+        assert!(error(&many).contains("`fleet.traps`"));
+        // Disabled, the key may be missing.
+        assert!(Scenario::parse("name = \"x\"\n[ota]\nenabled = false", "").is_ok());
+    }
+
+    #[test]
+    fn the_signing_key_is_relative_to_the_scenario_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, OTA).unwrap();
+        let scenario = Scenario::load(&path).unwrap();
+        assert_eq!(scenario.ota_signing_key_path(), dir.path().join("fw.key"));
+        let absolute = OTA.replace("fw.key", "/etc/wildcam/fw.key");
+        std::fs::write(&path, absolute).unwrap();
+        let scenario = Scenario::load(&path).unwrap();
+        assert_eq!(scenario.ota_signing_key_path(), PathBuf::from("/etc/wildcam/fw.key"));
     }
 }

@@ -10,6 +10,12 @@
 //! or a timeout. Acks release the queue; without one for `ack_timeout_ms`
 //! the queue rewinds and resends, as firmware does.
 //!
+//! In an OTA rehearsal the trap also runs the SDK's update machine
+//! ([`crate::ota::OtaDevice`]): it answers offers, pulls chunks (asking again
+//! when none comes), verifies, reboots into the new image through the same
+//! reboot path as injected faults, runs its self-test once its hello is
+//! answered, and confirms or rolls back.
+//!
 //! Detection content comes from the trap's own random stream in trigger
 //! order, so it depends on the seed only; the image digest is a hash of
 //! (seed, trap, sequence): unique per (trap, sequence), which lets the final
@@ -25,9 +31,11 @@ use rumqttc::{ConnectionError, Event, Outgoing, Packet};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 use wildcam_sdk::backoff::{Backoff, BackoffConfig};
+use wildcam_sdk::ota::{BootAction, OtaActions, OtaOutcome};
 use wildcam_sdk::protocol::{
     BoundingBox, Capabilities, Chip, Classification, CommandKind, CommandResult, CommandStatus, ConfigStatus,
-    Detection, Downlink, FirmwareVersion, Health, Hello, ReportedConfig, ResetReason, Route, Trigger, Uplink,
+    Detection, Downlink, FirmwareVersion, Health, Hello, OtaChunk, OtaOffer, OtaResult, ReportedConfig,
+    ResetReason, Route, Trigger, Uplink,
 };
 use wildcam_sdk::queue::{
     Extent, FlashStore, FullPolicy, Fullness, MemFlash, MemoryStore, OfflineQueue, QueueConfig, QueueError,
@@ -40,6 +48,7 @@ use crate::activity::Cause;
 use crate::clock::{Pacer, VirtualClock};
 use crate::fleet::{TrapPlan, TrapState};
 use crate::mqtt::{ConnectOptions, Link};
+use crate::ota::{OtaDevice, OtaShared};
 use crate::power::Power;
 use crate::rng::{Rng, mix64};
 use crate::scenario::{QueueStoreKind, Scenario};
@@ -59,6 +68,16 @@ const SLEEPY_ATTEMPTS_MAX: u32 = 6;
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// Longest real sleep: a trap re-checks the clock and the abort flag at least this often.
 const SLEEP_MAX: Duration = Duration::from_secs(1);
+/// A rollout target without an update stays connected this long after its
+/// hello is answered: the server's offer follows the answer.
+const CATCH_UP_GRACE: Duration = Duration::from_millis(1_000);
+/// Chunk requests sent again in a row without a chunk before the trap says
+/// hello again (the server then offers the rollout again).
+const CHUNK_RETRIES_MAX: u32 = 5;
+/// Longest wait for the progress report to be written before rebooting into an update.
+const BOOT_FLUSH_MAX: Duration = Duration::from_secs(2);
+/// Firmware a trap runs without an OTA rehearsal.
+const FIRMWARE_DEFAULT: FirmwareVersion = FirmwareVersion { major: 1, minor: 0, patch: 0 };
 
 /// What the traps talk to.
 #[derive(Debug, Clone)]
@@ -104,6 +123,8 @@ pub struct World {
     pub sped_up: watch::Sender<u64>,
     /// Set to stop every trap at once (Ctrl-C, an overall timeout).
     pub abort: AtomicBool,
+    /// The OTA rehearsal, if the scenario has one.
+    pub ota: Option<OtaShared>,
 }
 
 /// What the final check needs to know about one generated detection.
@@ -193,6 +214,34 @@ type Queue = OfflineQueue<DynStore>;
 /// Virtual "never".
 const NEVER: u64 = u64::MAX;
 
+/// The OTA result published on the current link, until its PUBACK.
+#[derive(Debug, Clone, Copy)]
+struct ResultPublish {
+    /// Its number among the link's publishes (1-based).
+    number: u64,
+    /// Its packet id, once written.
+    pkid: Option<u16>,
+    result: OtaResult,
+}
+
+/// A reboot the OTA machine asked for.
+#[derive(Debug, Clone, Copy)]
+struct PendingBoot {
+    /// Reboot once what is queued is written, or at this time.
+    deadline: Instant,
+}
+
+/// What happens to this trap's new image (drawn when it is activated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Passes its self-test and confirms.
+    Passes,
+    /// Fails its self-test and rolls back.
+    FailsSelfTest,
+    /// Dies after booting, before confirming: the bootloader rolls back.
+    Killed,
+}
+
 /// One virtual trap.
 pub struct Trap {
     plan: TrapPlan,
@@ -246,6 +295,26 @@ pub struct Trap {
     pacer_online: bool,
     drain_deadline: Option<Instant>,
     sped_up: watch::Receiver<u64>,
+    /// The update side (OTA rehearsal only).
+    ota: Option<OtaDevice>,
+    /// OTA messages waiting for the link: results, chunk requests, progress.
+    ota_out: VecDeque<Uplink>,
+    /// Publishes handed to the current link, and written by its event loop.
+    published: u64,
+    written: u64,
+    result_publish: Option<ResultPublish>,
+    /// When the last chunk request went out, and how many were sent again in a row.
+    chunk_asked_at: Option<Instant>,
+    chunk_retries: u32,
+    /// When the hello of the current link was sent, and answered (its ack).
+    hello_sent_at: Option<Instant>,
+    hello_answered_at: Option<Instant>,
+    pending_boot: Option<PendingBoot>,
+    fate: Fate,
+    /// Self-test verdicts and bootloader kills: depends on the seed only.
+    ota_rng: Rng,
+    /// Delivered a final result for the rollout.
+    ota_done: bool,
 }
 
 impl std::fmt::Debug for Trap {
@@ -322,6 +391,22 @@ impl Trap {
             pacer_online: false,
             drain_deadline: None,
             sped_up: world.sped_up.subscribe(),
+            ota: world
+                .ota
+                .as_ref()
+                .map(|shared| OtaDevice::new(shared.public_key, shared.from)),
+            ota_out: VecDeque::new(),
+            published: 0,
+            written: 0,
+            result_publish: None,
+            chunk_asked_at: None,
+            chunk_retries: 0,
+            hello_sent_at: None,
+            hello_answered_at: None,
+            pending_boot: None,
+            fate: Fate::Passes,
+            ota_rng: Rng::new(seed, 0x4F54_4100_0000_0000 | index),
+            ota_done: false,
             queue,
             queue_config,
             plan,
@@ -386,6 +471,9 @@ impl Trap {
             // Up to the end, also when the clock jumped past it.
             self.do_due(now_ms.min(self.world.end_ms));
         }
+        if self.ota.is_some() {
+            self.ota_turn(now_ms.min(self.world.end_ms));
+        }
         if ended && self.drain_deadline.is_none() {
             self.drain_deadline = Some(
                 Instant::now() + Duration::from_secs(self.world.scenario.network.drain_timeout_s.into()),
@@ -408,7 +496,7 @@ impl Trap {
             }
             return true;
         }
-        if ended && self.queue.is_empty() && self.link.is_none() {
+        if ended && self.queue.is_empty() && self.link.is_none() && !self.ota_waiting(true) {
             return true;
         }
         let reachable = !self.cut_off(now_ms.min(self.world.end_ms.saturating_sub(1)));
@@ -429,7 +517,7 @@ impl Trap {
         if self.link.is_some() && !self.pump() && !self.queue_full {
             self.drop_link(true);
         }
-        if self.link.is_some() && self.idle() && (ended || self.plan.sleepy) {
+        if self.link.is_some() && self.idle(ended) && (ended || self.plan.sleepy) {
             // A sleepy trap goes back to sleep; at the end every trap leaves.
             if let Some(link) = self.link.take() {
                 link.close().await;
@@ -462,8 +550,12 @@ impl Trap {
     }
 
     /// Connected with nothing left to send or to wait for.
-    fn idle(&self) -> bool {
-        self.queue.is_empty() && !self.health_pending && self.answers.is_empty() && self.hello_sent
+    fn idle(&self, ended: bool) -> bool {
+        self.queue.is_empty()
+            && !self.health_pending
+            && self.answers.is_empty()
+            && self.hello_sent
+            && !self.ota_waiting(ended)
     }
 
     /// When to wake up next (real time).
@@ -477,9 +569,18 @@ impl Trap {
         if wanted && self.link.is_none() {
             deadline = deadline.min(self.retry_at);
         }
+        let ack_timeout = Duration::from_millis(self.world.scenario.network.ack_timeout_ms.into());
         if self.queue.inflight() > 0 {
-            let ack_timeout = Duration::from_millis(self.world.scenario.network.ack_timeout_ms.into());
             deadline = deadline.min(self.last_progress + ack_timeout);
+        }
+        if let Some(asked) = self.chunk_asked_at {
+            deadline = deadline.min(asked + ack_timeout);
+        }
+        if self.pending_boot.is_some() {
+            deadline = deadline.min(Instant::now() + DRAIN_POLL);
+        }
+        if let Some(wait_until) = self.catch_up_until().filter(|at| *at > Instant::now()) {
+            deadline = deadline.min(wait_until);
         }
         deadline
     }
@@ -688,6 +789,14 @@ impl Trap {
         self.retry_at = Instant::now();
         self.power
             .spend(at_ms, self.world.scenario.power.connect_mah);
+        self.pending_boot = None;
+        if let (Some(ota), Some(shared)) = (self.ota.as_mut(), self.world.ota.as_ref()) {
+            let boot = ota.power_on();
+            if boot.resumed_download {
+                Counters::add(&shared.counters.resumed, 1);
+            }
+            self.perform_ota(boot.actions);
+        }
     }
 
     // ------------------------------------------------------------ the link
@@ -724,6 +833,8 @@ impl Trap {
                 world.counters.connected();
                 self.link = Some(link);
                 self.hello_sent = false;
+                self.published = 0;
+                self.written = 0;
                 self.queue.rewind();
                 self.awaiting_pkid.clear();
                 self.pkid_seq.clear();
@@ -761,6 +872,11 @@ impl Trap {
         }
         self.queue.rewind();
         self.hello_sent = false;
+        self.ota_out.clear();
+        self.result_publish = None;
+        self.chunk_asked_at = None;
+        self.hello_sent_at = None;
+        self.hello_answered_at = None;
         let delay = self
             .backoff
             .next_delay_ms(self.net_rng.next_u32())
@@ -779,6 +895,13 @@ impl Trap {
             }
             Counters::add(&self.world.counters.hellos, 1);
             self.hello_sent = true;
+            self.hello_sent_at = Some(Instant::now());
+            self.hello_answered_at = None;
+            if let Some(ota) = &self.ota {
+                // Once connected: the pending result, or the next chunk request.
+                let actions = ota.machine().on_connected();
+                self.perform_ota(actions);
+            }
         }
         if self.health_pending {
             let health = self.health();
@@ -795,6 +918,9 @@ impl Trap {
                 return false;
             }
             Counters::add(&self.world.counters.downlink_answers, 1);
+        }
+        if !self.pump_ota() {
+            return false;
         }
         let mut record = [0u8; RECORD_LEN];
         loop {
@@ -864,6 +990,7 @@ impl Trap {
             self.queue_full = true;
             return false;
         }
+        self.published += 1;
         if matches!(self.world.mode, Mode::Plain { .. }) {
             self.awaiting_pkid.push_back(seq);
         }
@@ -871,6 +998,26 @@ impl Trap {
     }
 
     fn on_event(&mut self, event: Result<Event, ConnectionError>) {
+        match &event {
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                self.written += 1;
+                if let Some(publish) = self
+                    .result_publish
+                    .as_mut()
+                    .filter(|p| p.number == self.written)
+                {
+                    publish.pkid = Some(*pkid);
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack)))
+                if self
+                    .result_publish
+                    .is_some_and(|p| p.pkid == Some(ack.pkid)) =>
+            {
+                self.on_result_delivered();
+            }
+            _ => {}
+        }
         match event {
             Ok(Event::Incoming(Packet::Publish(publish))) => self.on_downlink(publish.payload.to_vec()),
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if matches!(self.world.mode, Mode::Plain { .. }) => {
@@ -899,7 +1046,13 @@ impl Trap {
             return;
         };
         match Downlink::decode(plain) {
-            Ok(Downlink::Ack(ack)) => self.on_ack(ack.through),
+            Ok(Downlink::Ack(ack)) => {
+                if self.hello_sent && self.hello_answered_at.is_none() {
+                    self.hello_answered_at = Some(Instant::now());
+                    self.self_test_if_due();
+                }
+                self.on_ack(ack.through)
+            }
             Ok(Downlink::DesiredConfig(desired)) => {
                 self.answers
                     .push_back(Uplink::ReportedConfig(ReportedConfig {
@@ -919,8 +1072,8 @@ impl Trap {
                 self.answers
                     .push_back(Uplink::CommandResult(CommandResult { id: command.id, status }));
             }
-            // OTA offers and chunks: the OTA rehearsal issue (see `scenario::OtaConfig`).
-            Ok(_) => {}
+            Ok(Downlink::OtaOffer(offer)) => self.on_ota_offer(&offer),
+            Ok(Downlink::OtaChunk(chunk)) => self.on_ota_chunk(&chunk),
             Err(_) => Counters::add(&counters.downlink_refused, 1),
         }
     }
@@ -970,6 +1123,247 @@ impl Trap {
         }
     }
 
+    // ------------------------------------------------------------ OTA
+
+    /// Publishes the queued OTA messages; `false` if the link refused one.
+    fn pump_ota(&mut self) -> bool {
+        while let Some(message) = self.ota_out.pop_front() {
+            if !self.send(&message, 0) {
+                self.ota_out.push_front(message);
+                return false;
+            }
+            match message {
+                Uplink::OtaResult(result) => {
+                    self.result_publish = Some(ResultPublish { number: self.published, pkid: None, result });
+                }
+                Uplink::OtaChunkRequest(_) => {
+                    self.chunk_asked_at = Some(Instant::now());
+                    if let Some(shared) = &self.world.ota {
+                        Counters::add(&shared.counters.chunk_requests, 1);
+                    }
+                }
+                _ => {}
+            }
+        }
+        true
+    }
+
+    /// Carries out what the OTA machine asked for, in field order.
+    fn perform_ota(&mut self, actions: OtaActions) {
+        let Some(ota) = self.ota.as_mut() else {
+            return;
+        };
+        if actions.mark_valid {
+            ota.mark_valid();
+        }
+        if let Some(floor) = actions.raise_secure_version {
+            ota.raise_secure_version(floor);
+        }
+        if let Some(persist) = actions.persist {
+            ota.persist(persist);
+        }
+        if let Some(result) = actions.send_result {
+            self.ota_out.push_back(Uplink::OtaResult(result));
+        }
+        if let Some(request) = actions.send_request {
+            self.ota_out.push_back(Uplink::OtaChunkRequest(request));
+        }
+        if actions.verify {
+            let verified = ota.verify();
+            self.perform_ota(verified);
+        }
+        match actions.boot {
+            Some(BootAction::UpdateReady) => {
+                let Some(ota) = self.ota.as_mut() else {
+                    return;
+                };
+                // Ready: the server frees this trap's in-flight slot at once.
+                if let Some(progress) = ota.machine().progress() {
+                    self.ota_out.push_back(Uplink::OtaProgress(progress));
+                }
+                let activate = ota.reboot_into_update();
+                self.perform_ota(activate);
+            }
+            Some(BootAction::ActivateAndReboot) => {
+                if let Some(ota) = self.ota.as_mut() {
+                    ota.activate();
+                }
+                let scenario = &self.world.scenario.ota;
+                let draw = self.ota_rng.unit();
+                self.fate = if draw < scenario.bootloader_rollback_rate {
+                    Fate::Killed
+                } else if draw < scenario.bootloader_rollback_rate + scenario.self_test_failure_rate {
+                    Fate::FailsSelfTest
+                } else {
+                    Fate::Passes
+                };
+                self.pending_boot = Some(PendingBoot { deadline: Instant::now() + BOOT_FLUSH_MAX });
+            }
+            Some(BootAction::RollBackAndReboot) => {
+                if let Some(ota) = self.ota.as_mut() {
+                    ota.roll_back();
+                }
+                self.pending_boot = Some(PendingBoot { deadline: Instant::now() });
+            }
+            None => {}
+        }
+    }
+
+    /// Due OTA work: a requested reboot, a chunk request without an answer.
+    fn ota_turn(&mut self, now_ms: u64) {
+        if let Some(boot) = self.pending_boot {
+            let written = self.ota_out.is_empty() && self.written >= self.published;
+            if self.link.is_none() || written || Instant::now() >= boot.deadline {
+                self.reboot(now_ms, ResetReason::Software);
+                if let Some(shared) = &self.world.ota
+                    && self
+                        .ota
+                        .as_ref()
+                        .is_some_and(|o| o.machine().awaiting_self_test())
+                {
+                    Counters::add(&shared.counters.activations, 1);
+                    if self.fate == Fate::Killed {
+                        // The new image hangs before its self-test: the watchdog resets it.
+                        self.fate = Fate::Passes;
+                        self.reboot(now_ms, ResetReason::Watchdog);
+                    }
+                }
+            }
+        }
+        let ack_timeout = Duration::from_millis(self.world.scenario.network.ack_timeout_ms.into());
+        let timed_out = self
+            .chunk_asked_at
+            .is_some_and(|at| self.link.is_some() && at.elapsed() >= ack_timeout);
+        if !timed_out {
+            return;
+        }
+        self.chunk_asked_at = None;
+        let Some(request) = self.ota.as_ref().and_then(|o| o.machine().chunk_request()) else {
+            return;
+        };
+        if let Some(shared) = &self.world.ota {
+            Counters::add(&shared.counters.chunk_timeouts, 1);
+        }
+        self.chunk_retries += 1;
+        if self.chunk_retries > CHUNK_RETRIES_MAX {
+            // Say hello again: the server offers the rollout again and the
+            // machine asks for the chunk it wants.
+            self.chunk_retries = 0;
+            self.hello_sent = false;
+        } else {
+            self.ota_out.push_back(Uplink::OtaChunkRequest(request));
+        }
+    }
+
+    fn on_ota_offer(&mut self, offer: &OtaOffer) {
+        let battery_mv = self.power.battery_mv();
+        let (Some(ota), Some(shared)) = (self.ota.as_mut(), self.world.ota.as_ref()) else {
+            return;
+        };
+        Counters::add(&shared.counters.offers, 1);
+        self.chunk_retries = 0;
+        let actions = ota.on_offer(offer, battery_mv);
+        self.perform_ota(actions);
+    }
+
+    fn on_ota_chunk(&mut self, chunk: &OtaChunk) {
+        let (Some(ota), Some(shared)) = (self.ota.as_mut(), self.world.ota.as_ref()) else {
+            return;
+        };
+        match ota.on_chunk(chunk) {
+            Ok(actions) => {
+                let counters = &shared.counters;
+                Counters::add(&counters.chunks, 1);
+                Counters::add(&counters.bytes, chunk.data.len() as u64);
+                self.chunk_asked_at = None;
+                self.chunk_retries = 0;
+                let at_ms = self.world.clock.now_ms().min(self.world.end_ms);
+                self.power
+                    .spend(at_ms, self.world.scenario.power.message_mah);
+                self.perform_ota(actions);
+            }
+            // A stale duplicate, or a chunk of a rollout no longer downloading.
+            Err(_) => Counters::add(&shared.counters.chunks_refused, 1),
+        }
+    }
+
+    /// Running a new image whose hello was answered: the self-test.
+    fn self_test_if_due(&mut self) {
+        let Some(ota) = self.ota.as_mut() else {
+            return;
+        };
+        if !ota.machine().awaiting_self_test() {
+            return;
+        }
+        if let Some(progress) = ota.machine().progress() {
+            self.ota_out.push_back(Uplink::OtaProgress(progress));
+        }
+        let verdict = match self.fate {
+            Fate::FailsSelfTest => ota.self_test_failed(),
+            Fate::Passes | Fate::Killed => ota.confirm(),
+        };
+        self.fate = Fate::Passes;
+        self.perform_ota(verdict);
+    }
+
+    /// The PUBACK of the result published on this link came back.
+    fn on_result_delivered(&mut self) {
+        let Some(publish) = self.result_publish.take() else {
+            return;
+        };
+        let Some(ota) = self.ota.as_mut() else {
+            return;
+        };
+        if ota.machine().pending_result() == Some(publish.result)
+            && let Some((_, actions)) = ota.result_delivered()
+        {
+            self.perform_ota(actions);
+        }
+        let result = publish.result;
+        let Some(shared) = self.world.ota.as_ref() else {
+            return;
+        };
+        // The run's one rollout (its offers may come before its creation returned).
+        let ours = shared
+            .rollout
+            .get()
+            .is_none_or(|r| r.id == result.rollout_id);
+        if ours && !self.ota_done && result.outcome != OtaOutcome::Busy {
+            self.ota_done = true;
+            shared.outcome_delivered(result.outcome, self.world.clock.now_ms());
+        }
+    }
+
+    /// Whether OTA keeps the trap connected: an update in progress or a
+    /// result to deliver; or, as a target without its result yet, the
+    /// catch-up after its hello (sleepy traps) or the whole drain.
+    fn ota_waiting(&self, ended: bool) -> bool {
+        let (Some(ota), Some(shared)) = (&self.ota, &self.world.ota) else {
+            return false;
+        };
+        if ota.busy() || !self.ota_out.is_empty() || self.pending_boot.is_some() {
+            return true;
+        }
+        if self.ota_done || shared.settled.load(Ordering::Relaxed) || shared.rollout.get().is_none() {
+            return false;
+        }
+        ended || self.catch_up_until().is_some_and(|at| at > Instant::now())
+    }
+
+    /// Until when a target without an update waits for an offer on this link:
+    /// the hello's answer (bounded by the ack timeout), then the catch-up
+    /// grace after it.
+    fn catch_up_until(&self) -> Option<Instant> {
+        self.world.ota.as_ref()?;
+        match (self.hello_sent_at, self.hello_answered_at) {
+            (_, Some(answered)) => Some(answered + CATCH_UP_GRACE),
+            (Some(sent), None) => {
+                Some(sent + Duration::from_millis(self.world.scenario.network.ack_timeout_ms.into()))
+            }
+            (None, None) => None,
+        }
+    }
+
     // ------------------------------------------------------------ pacing
 
     fn set_pacer(&mut self, online: bool) {
@@ -1006,8 +1400,14 @@ impl Trap {
             device_id: self.state.device_id.clone(),
             hardware_model: heapless::String::try_from("wildcam-sim").unwrap_or_default(),
             chip: Chip::Host,
-            firmware: FirmwareVersion { major: 1, minor: 0, patch: 0 },
-            secure_version: 1,
+            firmware: self
+                .ota
+                .as_ref()
+                .map_or(FIRMWARE_DEFAULT, OtaDevice::running),
+            secure_version: self
+                .ota
+                .as_ref()
+                .map_or(crate::ota::SECURE_VERSION_FROM, OtaDevice::secure_version),
             reset_reason: self.reset_reason,
             capabilities: Capabilities::PIR
                 .union(Capabilities::CLASSIFIER)

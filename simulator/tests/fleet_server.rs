@@ -8,6 +8,13 @@
 //! backoff and resend what was not acknowledged. The report, built from the
 //! server's own API, must show zero lost and zero duplicated detections.
 //!
+//! A second test rehearses an OTA rollout: 50 traps, a 64 KiB image signed
+//! with a key generated into the temporary directory (PKCS#8 PEM for the
+//! simulator, hex for the server), self-test failures, bootloader rollbacks
+//! and reboots during downloads; every target must end final, the server's
+//! counts must match the traps', and the registry must show the new version
+//! for every confirmed trap.
+//!
 //! The server binary is built with the cargo that builds this test (or taken
 //! from `WILDCAM_FLEET_BIN`). Every wait is bounded; the server is killed
 //! when the test ends, whatever happened.
@@ -18,7 +25,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ed25519_dalek::SigningKey;
+use ed25519_dalek::pkcs8::EncodePrivateKey;
+use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use tokio::time::{Instant, sleep};
+use wildcam_simulator::api::ApiClient;
 use wildcam_simulator::{Options, Scenario, Simulation, Target};
 
 /// Longest wait for the server to listen after a (re)start.
@@ -68,10 +79,27 @@ fn fleet_binary() -> PathBuf {
         .expect("test executable in target/<profile>/deps");
     let target_dir = profile_dir.parent().expect("target directory");
     let mut build = Command::new(env!("CARGO"));
-    build
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["build", "--quiet", "-p", "wildcam-fleet-server", "--bin", "wildcam-fleet"])
-        .env("CARGO_TARGET_DIR", target_dir);
+    build.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+        "build",
+        "--quiet",
+        "-p",
+        "wildcam-fleet-server",
+        "--bin",
+        "wildcam-fleet",
+    ]);
+    // The variables cargo set for this test (CARGO_MANIFEST_DIR, CARGO_PKG_…)
+    // are tracked by some build scripts (ring's): inherited, they would make
+    // every build here differ from a plain `cargo build` and rebuild the TLS
+    // stack and the server each time.
+    for (name, _) in std::env::vars_os() {
+        if name
+            .to_str()
+            .is_some_and(|n| n.starts_with("CARGO_") && n != "CARGO_HOME")
+        {
+            build.env_remove(name);
+        }
+    }
+    build.env("CARGO_TARGET_DIR", target_dir);
     if profile_dir
         .file_name()
         .is_some_and(|name| name == "release")
@@ -90,7 +118,7 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    async fn start(binary: &Path, data_dir: &Path, ports: Ports, log: &Path) -> Self {
+    async fn start(binary: &Path, data_dir: &Path, ports: Ports, log: &Path, env: &[(&str, String)]) -> Self {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -103,6 +131,7 @@ impl ServerProcess {
             .env("WILDCAM__MQTT__LISTEN_V5", format!("127.0.0.1:{}", ports.mqtt_v5))
             .env("WILDCAM__HTTP__LISTEN", format!("127.0.0.1:{}", ports.http))
             .env("WILDCAM__LOG__FILTER", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -167,18 +196,44 @@ struct Harness {
     ports: Ports,
     server: ServerProcess,
     token: String,
+    /// Extra server settings (`WILDCAM__…`), kept across restarts.
+    env: Vec<(&'static str, String)>,
 }
 
 impl Harness {
     async fn start() -> Self {
-        let binary = fleet_binary();
+        Self::start_with(tempfile::tempdir().expect("temp dir"), Vec::new()).await
+    }
+
+    /// A server that accepts firmware signed by a key generated into the
+    /// temporary directory: `firmware.key` (PKCS#8 PEM, for the simulator);
+    /// the server gets its public key in hex.
+    async fn start_with_ota(env: &[(&'static str, &str)]) -> (Self, PathBuf) {
         let dir = tempfile::tempdir().expect("temp dir");
+        let key = SigningKey::from_bytes(&[0x5a; 32]);
+        let pem = key.to_pkcs8_pem(LineEnding::LF).expect("PEM");
+        let key_path = dir.path().join("firmware.key");
+        std::fs::write(&key_path, pem.as_bytes()).expect("key written");
+        let public: String = key
+            .verifying_key()
+            .to_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let mut settings = vec![("WILDCAM__OTA__SIGNING_KEYS", public)];
+        settings.extend(env.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        (Self::start_with(dir, settings).await, key_path)
+    }
+
+    async fn start_with(dir: tempfile::TempDir, env: Vec<(&'static str, String)>) -> Self {
+        let binary = fleet_binary();
         let data_dir = dir.path().join("data");
         std::fs::create_dir_all(&data_dir).expect("data dir");
         let ports = Ports::free();
         let token = admin_token(&binary, &data_dir);
-        let server = ServerProcess::start(&binary, &data_dir, ports, &dir.path().join("server.log")).await;
-        Self { binary, dir, ports, server, token }
+        let log = dir.path().join("server.log");
+        let server = ServerProcess::start(&binary, &data_dir, ports, &log, &env).await;
+        Self { binary, dir, ports, server, token, env }
     }
 
     fn options(&self, scenario: Scenario) -> Options {
@@ -203,7 +258,7 @@ impl Harness {
         sleep(DOWNTIME).await;
         let data_dir = self.dir.path().join("data");
         let log = self.dir.path().join("server.log");
-        self.server = ServerProcess::start(&self.binary, &data_dir, self.ports, &log).await;
+        self.server = ServerProcess::start(&self.binary, &data_dir, self.ports, &log, &self.env).await;
     }
 
     /// SIGSTOP or SIGCONT to the server: a server that stops answering
@@ -343,3 +398,111 @@ backoff_initial_ms = 100
 backoff_max_ms = 1000
 drain_timeout_s = 30
 "#;
+
+/// 50 traps (a fifth sleepy) through two compressed hours with a rollout of a
+/// 64 KiB image from a quarter of an hour in: 10 % of the new images fail
+/// their self-test, 4 % are killed before confirming, and every trap reboots
+/// about every 1.25 s real time, so some reboots land in downloads (64
+/// chunk round trips each) and some between activation and self-test.
+const OTA_SCENARIO: &str = r#"
+name = "ota-ci"
+seed = 424_242
+
+[fleet]
+traps = 50
+sleepy_fraction = 0.2
+checkin_interval_s = 600
+
+[time]
+duration_h = 2.0
+compression = 720.0
+
+[activity]
+triggers_per_trap_per_day = 120.0
+burst_len = 2
+
+[faults]
+drop_rate_per_day = 12.0
+flaky_fraction = 0.0
+reboot_rate_per_day = 96.0
+clock_skew_fraction = 0.0
+
+[network]
+ack_timeout_ms = 1500
+backoff_initial_ms = 100
+backoff_max_ms = 1000
+drain_timeout_s = 40
+
+[ota]
+enabled = true
+signing_key = "KEY"
+image_kib = 64
+start_h = 0.25
+max_in_flight = 25
+failure_threshold = 50
+self_test_failure_rate = 0.1
+bootloader_rollback_rate = 0.04
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ota_rollout_reaches_every_trap_and_the_server_agrees() {
+    let started = std::time::Instant::now();
+    let settings = [("WILDCAM__OTA__STALL_TIMEOUT_S", "10")];
+    let (harness, key) = Harness::start_with_ota(&settings).await;
+    let text = OTA_SCENARIO.replace("KEY", &key.display().to_string());
+    let scenario = Scenario::parse(&text, "OTA test").expect("the OTA scenario is valid");
+    let simulation = Simulation::prepare(harness.options(scenario))
+        .await
+        .expect("fleet provisioned, image uploaded");
+    let report = tokio::time::timeout(RUN_TIMEOUT, simulation.run())
+        .await
+        .expect("the run ends in time")
+        .expect("the run completes");
+    eprintln!("{}", report.to_table());
+    let log = || harness.server.log_text();
+
+    let check = report
+        .detections
+        .check
+        .as_ref()
+        .expect("checked against the server");
+    assert_eq!(check.lost, 0, "lost detections; server log:\n{}", log());
+    assert_eq!(check.duplicates + check.unknown + check.mismatched, 0, "detections stored exactly once");
+
+    let ota = report.ota.as_ref().expect("an OTA section");
+    let server = ota.server.as_ref().expect("the rollout read back");
+    assert!(ota.all_final, "every target final: {server:?}; server log:\n{}", log());
+    assert!(ota.counts_agree, "server and traps agree: {ota:?}");
+    assert_eq!(server.state, "completed", "{server:?}");
+    assert_eq!(ota.without_result, 0, "every trap delivered its result");
+    assert_eq!(ota.targets, 50);
+    assert_eq!(
+        ota.confirmed + ota.rolled_back_self_test + ota.rolled_back_bootloader,
+        50,
+        "confirmed or rolled back, nothing else: {ota:?}"
+    );
+    assert!(ota.confirmed >= 25, "most traps confirmed: {ota:?}");
+    assert!(ota.rolled_back_self_test > 0, "some self-tests failed: {ota:?}");
+    assert!(ota.downloads_resumed > 0, "reboots interrupted downloads: {ota:?}");
+    assert!(ota.bytes_downloaded >= 50 * 64 * 1_024, "{ota:?}");
+    assert!(report.ok);
+
+    // The registry shows what each trap runs now.
+    let api = ApiClient::new(harness.ports.http(), harness.token.clone());
+    let rollout = api
+        .rollout(ota.rollout_id.expect("created"))
+        .await
+        .expect("rollout");
+    assert_eq!(rollout.devices.len(), 50);
+    for (device, state) in &rollout.devices {
+        let entry = api.device(device).await.expect("device");
+        let firmware = &entry["info"]["firmware"];
+        let wanted = match state.as_str() {
+            "confirmed" => serde_json::json!({ "major": 1, "minor": 1, "patch": 0 }),
+            "rolled_back" => serde_json::json!({ "major": 1, "minor": 0, "patch": 0 }),
+            other => panic!("{device} ended {other}"),
+        };
+        assert_eq!(*firmware, wanted, "{device} ({state}): {entry}");
+    }
+    eprintln!("simulator OTA test took {:.1?}", started.elapsed());
+}

@@ -40,6 +40,11 @@ fn the_million_day_and_ci_scenarios_are_sized_as_documented() {
     assert!((ci.expected_detections() - 20_000.0).abs() < 1_000.0);
     let fleet = Scenario::load(&dir.join("fleet-10k.toml")).expect("valid");
     assert_eq!(fleet.fleet.traps, 10_000);
+    // Its key is not in the repository: it is looked for beside the file at run time.
+    let ota = Scenario::load(&dir.join("ota-rehearsal.toml")).expect("valid");
+    assert!(ota.ota.enabled);
+    assert_eq!((ota.fleet.traps, ota.ota.image_kib, ota.ota.max_in_flight), (200, 256, 50));
+    assert_eq!(ota.ota_signing_key_path(), dir.join("ota-rehearsal.key"));
 }
 
 #[test]
