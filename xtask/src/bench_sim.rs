@@ -16,6 +16,11 @@
 //! 4. read the server's peak RSS, stop it (SIGTERM, then SIGKILL) and remove
 //!    the directory (kept with `--keep`).
 //!
+//! An OTA rehearsal scenario (`[ota] enabled = true`) signs its image with
+//! `[ota] signing_key`: the server is told to accept its public half
+//! (`PATH.pub`), and a missing key pair is created first, as `cargo xtask
+//! keygen --out PATH` would.
+//!
 //! Fails when the simulator's check fails (a detection lost, duplicated,
 //! unknown or altered). Every child process is killed when this verb ends.
 
@@ -63,9 +68,11 @@ pub fn run(args: &Args) -> Result<()> {
     check_server_env(&args.server_env)?;
     let root = crate::repository_root();
     let scenario = scenario_path(&root, &args.scenario)?;
-    let traps = match args.traps {
-        Some(traps) => traps,
-        None => scenario_traps(&scenario)?,
+    let facts = ScenarioFacts::read(&scenario)?;
+    let traps = args.traps.unwrap_or(facts.traps);
+    let ota_public_key = match &facts.ota_signing_key {
+        Some(key) => Some(ensure_key_pair(key)?),
+        None => None,
     };
     build(&root)?;
     let release = target_dir(&root).join("release");
@@ -94,6 +101,9 @@ pub fn run(args: &Args) -> Result<()> {
         // Every trap claims once, all within the first minute or two.
         .env("WILDCAM__PROVISIONING__ATTEMPTS_PER_MINUTE", (traps * 6).max(6_000).to_string())
         .env("WILDCAM__LOG__FILTER", "warn");
+    if let Some(public_key) = &ota_public_key {
+        command.env("WILDCAM__OTA__SIGNING_KEYS", public_key);
+    }
     apply_server_env(&mut command, &args.server_env);
     command
         .stdin(Stdio::null())
@@ -160,18 +170,60 @@ fn scenario_path(root: &Path, name: &str) -> Result<PathBuf> {
     bail!("no scenario {name:?}: give a file or one of {}", known.join(", "))
 }
 
-/// The scenario's `fleet.traps` (the simulator validates the rest).
-fn scenario_traps(path: &Path) -> Result<u32> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("could not read {}", path.display()))?;
-    let value: toml::Table = text
-        .parse()
-        .with_context(|| format!("{} is not TOML", path.display()))?;
-    let traps = value
-        .get("fleet")
-        .and_then(|fleet| fleet.get("traps"))
-        .and_then(toml::Value::as_integer)
-        .unwrap_or(1_000);
-    u32::try_from(traps).with_context(|| format!("{}: fleet.traps out of range", path.display()))
+/// What the verb needs from the scenario (the simulator validates the rest).
+struct ScenarioFacts {
+    /// `fleet.traps`.
+    traps: u32,
+    /// `[ota] signing_key`, resolved against the scenario's directory, when
+    /// the scenario rehearses a rollout.
+    ota_signing_key: Option<PathBuf>,
+}
+
+impl ScenarioFacts {
+    fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("could not read {}", path.display()))?;
+        let value: toml::Table = text
+            .parse()
+            .with_context(|| format!("{} is not TOML", path.display()))?;
+        let traps = value
+            .get("fleet")
+            .and_then(|fleet| fleet.get("traps"))
+            .and_then(toml::Value::as_integer)
+            .unwrap_or(1_000);
+        let traps =
+            u32::try_from(traps).with_context(|| format!("{}: fleet.traps out of range", path.display()))?;
+        let ota = value.get("ota");
+        let enabled = ota
+            .and_then(|ota| ota.get("enabled"))
+            .and_then(toml::Value::as_bool)
+            .unwrap_or(false);
+        let ota_signing_key = match ota
+            .and_then(|ota| ota.get("signing_key"))
+            .and_then(toml::Value::as_str)
+        {
+            Some(key) if enabled => Some(path.parent().unwrap_or(Path::new(".")).join(key)),
+            _ => None,
+        };
+        Ok(Self { traps, ota_signing_key })
+    }
+}
+
+/// The public key file of the signing key at `key` (created with its private
+/// key, as `cargo xtask keygen` does, when neither exists).
+fn ensure_key_pair(key: &Path) -> Result<String> {
+    let public = crate::key::public_key_path(key);
+    if !key.exists() && !public.exists() {
+        eprintln!("xtask: no OTA signing key at {}: creating one for the rehearsal", key.display());
+        crate::keygen::run(&crate::keygen::Args { out: key.to_path_buf(), force: false })?;
+    }
+    if !public.exists() {
+        bail!("{} is missing: the server needs the public half of {}", public.display(), key.display());
+    }
+    public
+        .to_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{} is not UTF-8", public.display()))
 }
 
 fn build(root: &Path) -> Result<()> {
