@@ -30,7 +30,7 @@ use ed25519_dalek::pkcs8::EncodePrivateKey;
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use tokio::time::{Instant, sleep};
 use wildcam_simulator::api::ApiClient;
-use wildcam_simulator::{Options, Scenario, Simulation, Target};
+use wildcam_simulator::{EngineError, Options, Report, Scenario, Simulation, Target};
 
 /// Longest wait for the server to listen after a (re)start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -273,6 +273,30 @@ impl Harness {
     }
 }
 
+/// Waits for the run's report and checks, against the server, that every
+/// detection generated (and not dropped by a full queue) is stored exactly once.
+async fn report_stored_exactly_once(
+    harness: &Harness,
+    run: tokio::task::JoinHandle<Result<Report, EngineError>>,
+) -> Report {
+    let report = tokio::time::timeout(RUN_TIMEOUT, run)
+        .await
+        .expect("the run ends in time")
+        .expect("the run task")
+        .expect("the run completes");
+    eprintln!("{}", report.to_table());
+    let check = report
+        .detections
+        .check
+        .as_ref()
+        .expect("checked against the server");
+    assert_eq!(check.lost, 0, "lost detections; server log:\n{}", harness.server.log_text());
+    assert_eq!(check.duplicates, 0, "duplicated detections");
+    assert_eq!(check.unknown, 0, "stored detections never generated");
+    assert_eq!(check.mismatched, 0, "altered detections");
+    report
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_day_through_a_server_restart_loses_and_duplicates_nothing() {
     let started = std::time::Instant::now();
@@ -296,12 +320,7 @@ async fn a_fleet_day_through_a_server_restart_loses_and_duplicates_nothing() {
     let acked_at_kill = world.counters.acked.load(Ordering::Relaxed);
     harness.restart().await;
 
-    let report = tokio::time::timeout(RUN_TIMEOUT, run)
-        .await
-        .expect("the run ends in time")
-        .expect("the run task")
-        .expect("the run completes");
-    eprintln!("{}", report.to_table());
+    let report = report_stored_exactly_once(&harness, run).await;
     let check = report
         .detections
         .check
@@ -310,10 +329,6 @@ async fn a_fleet_day_through_a_server_restart_loses_and_duplicates_nothing() {
     assert!(report.detections.generated as f64 > expected * 0.8, "about 20,000 detections generated");
     assert!(acked_at_kill < report.detections.generated, "the restart came before the end");
     assert!(report.connections.lost > 0, "the restart cut connections");
-    assert_eq!(check.lost, 0, "lost detections; server log:\n{}", harness.server.log_text());
-    assert_eq!(check.duplicates, 0, "duplicated detections");
-    assert_eq!(check.unknown, 0, "stored detections never generated");
-    assert_eq!(check.mismatched, 0, "altered detections");
     assert_eq!(report.detections.dropped_by_full_queue, 0, "no queue overflowed");
     assert_eq!(check.stored, report.detections.generated, "every generated detection stored once");
     assert!(report.ok);
@@ -344,22 +359,8 @@ async fn traps_whose_queues_overflowed_during_a_stall_still_drain() {
     sleep(STALL).await;
     harness.signal("CONT");
 
-    let report = tokio::time::timeout(RUN_TIMEOUT, run)
-        .await
-        .expect("the run ends in time")
-        .expect("the run task")
-        .expect("the run completes");
-    eprintln!("{}", report.to_table());
-    let check = report
-        .detections
-        .check
-        .as_ref()
-        .expect("checked against the server");
+    let report = report_stored_exactly_once(&harness, run).await;
     assert!(report.detections.dropped_by_full_queue > 0, "the stall overflowed queues");
-    assert_eq!(check.lost, 0, "lost detections; server log:\n{}", harness.server.log_text());
-    assert_eq!(check.duplicates, 0, "duplicated detections");
-    assert_eq!(check.unknown, 0, "stored detections never generated");
-    assert_eq!(check.mismatched, 0, "altered detections");
     assert!(report.ok);
     assert_eq!(world.counters.connected_now.load(Ordering::Relaxed), 0, "every trap drained and left");
 }
@@ -454,20 +455,8 @@ async fn an_ota_rollout_reaches_every_trap_and_the_server_agrees() {
     let simulation = Simulation::prepare(harness.options(scenario))
         .await
         .expect("fleet provisioned, image uploaded");
-    let report = tokio::time::timeout(RUN_TIMEOUT, simulation.run())
-        .await
-        .expect("the run ends in time")
-        .expect("the run completes");
-    eprintln!("{}", report.to_table());
+    let report = report_stored_exactly_once(&harness, tokio::spawn(simulation.run())).await;
     let log = || harness.server.log_text();
-
-    let check = report
-        .detections
-        .check
-        .as_ref()
-        .expect("checked against the server");
-    assert_eq!(check.lost, 0, "lost detections; server log:\n{}", log());
-    assert_eq!(check.duplicates + check.unknown + check.mismatched, 0, "detections stored exactly once");
 
     let ota = report.ota.as_ref().expect("an OTA section");
     let server = ota.server.as_ref().expect("the rollout read back");
