@@ -267,8 +267,6 @@ pub struct Trap {
     /// Sleepy traps: connected for a check-in.
     awake: bool,
     hello_sent: bool,
-    /// The highest ack received (the server's contiguous stored sequence).
-    acked_through: u32,
     /// rumqttc's request queue refused the last publish: the broker is not reading
     /// (a full queue is backpressure, not a lost connection).
     queue_full: bool,
@@ -369,7 +367,6 @@ impl Trap {
             last_progress: Instant::now(),
             awake: false,
             hello_sent: false,
-            acked_through: 0,
             queue_full: false,
             health_pending: true,
             answers: VecDeque::new(),
@@ -1081,9 +1078,6 @@ impl Trap {
     /// Everything through `through` is stored: release it from the queue.
     fn on_ack(&mut self, through: u32) {
         let counters = &self.world.counters;
-        if through < self.queue.stats().next_seq {
-            self.acked_through = self.acked_through.max(through);
-        }
         match self.queue.ack(through) {
             Ok(outcome) if outcome.released > 0 => {
                 Counters::add(&counters.acked, outcome.released as u64);
@@ -1109,12 +1103,9 @@ impl Trap {
         let ack_timeout = Duration::from_millis(self.world.scenario.network.ack_timeout_ms.into());
         if self.link.is_some() && self.queue.inflight() > 0 && self.last_progress.elapsed() >= ack_timeout {
             Counters::add(&self.world.counters.ack_timeouts, 1);
-            // The server's contiguous ack is below the floor: a full queue
-            // dropped records it never got, and it holds the ack at the gap
-            // until it hears the new floor. Say hello again (as firmware
-            // does), also when an earlier hello was lost on the way.
-            let behind = self.queue.stats().floor > self.acked_through.saturating_add(1);
-            if behind && matches!(self.world.mode, Mode::Fleet) {
+            // The server holds its ack at a gap left by dropped records until
+            // a hello tells it the floor: say hello again (as firmware does).
+            if self.queue.server_behind_floor() && matches!(self.world.mode, Mode::Fleet) {
                 self.hello_sent = false;
             }
             self.queue.rewind();

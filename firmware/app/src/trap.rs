@@ -131,8 +131,6 @@ pub struct Trap<Q: QueueStore, S: StateStore> {
     state: DeviceState,
     link: Option<Link>,
     reset_reason: ResetReason,
-    /// The highest ack accepted since boot (the server's contiguous stored sequence).
-    acked_through: u32,
     triggers_since_report: u16,
     storage_errors: u16,
 }
@@ -186,7 +184,6 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
             state,
             link,
             reset_reason,
-            acked_through: 0,
             triggers_since_report: 0,
             storage_errors,
         })
@@ -308,14 +305,11 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
     }
 
     /// No ack came in time: resend everything unacknowledged. Returns a hello
-    /// to send first when the server's ack is below the queue's floor: the
-    /// queue dropped records the server never got (full, oldest first), and
-    /// the server holds its contiguous ack at that gap until a hello tells it
-    /// the new floor (also when an earlier hello was lost on the way).
+    /// to send first when the server's ack is below the queue's floor
+    /// ([`OfflineQueue::server_behind_floor`]).
     pub fn rewind(&mut self) -> Option<Hello> {
         self.queue.rewind();
-        let behind = self.queue.stats().floor > self.acked_through.saturating_add(1);
-        if behind { self.hello().ok() } else { None }
+        if self.queue.server_behind_floor() { self.hello().ok() } else { None }
     }
 
     fn hello(&self) -> Result<Hello, TrapError> {
@@ -494,10 +488,7 @@ impl<Q: QueueStore, S: StateStore> Trap<Q, S> {
 
     fn on_ack(&mut self, through: u32) -> Result<Reaction, TrapError> {
         match self.queue.ack(through) {
-            Ok(outcome) => {
-                self.acked_through = self.acked_through.max(through);
-                Ok(Reaction { released: outcome.released, ..Reaction::default() })
-            }
+            Ok(outcome) => Ok(Reaction { released: outcome.released, ..Reaction::default() }),
             Err(QueueError::AckBeyondAssigned) => {
                 log::warn!("refused an ack through {through}: beyond what was sent");
                 Ok(Reaction::default())

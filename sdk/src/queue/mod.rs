@@ -397,6 +397,8 @@ pub struct OfflineQueue<S: QueueStore> {
     inflight: usize,
     /// A storage error left the in-RAM state unsure; re-read before use.
     stale: bool,
+    /// The highest ack accepted since the queue was created (RAM only).
+    server_acked: u32,
 }
 
 impl<S: QueueStore> OfflineQueue<S> {
@@ -431,6 +433,7 @@ impl<S: QueueStore> OfflineQueue<S> {
             cursor: 1,
             inflight: 0,
             stale: true,
+            server_acked: 0,
         }
     }
 
@@ -522,6 +525,7 @@ impl<S: QueueStore> OfflineQueue<S> {
         if through >= self.next_seq {
             return Err(QueueError::AckBeyondAssigned);
         }
+        self.server_acked = self.server_acked.max(through);
         if self.oldest.is_none_or(|oldest| oldest > through) {
             return Ok(AckOutcome { released: 0 });
         }
@@ -576,6 +580,16 @@ impl<S: QueueStore> OfflineQueue<S> {
     /// entry, or the next sequence number when the queue is empty.
     pub fn floor(&self) -> u32 {
         self.oldest.unwrap_or(self.next_seq)
+    }
+
+    /// True when the highest ack accepted since the queue was opened is below
+    /// [`floor`](Self::floor) − 1: the full policy dropped entries the server
+    /// never acknowledged (or nothing was acked since a reboot). The server
+    /// holds its contiguous ack at such a gap until a hello carries the new
+    /// floor, so the device says hello again, e.g. when its ack timeout fires
+    /// (the hello that carried the floor may have been lost).
+    pub fn server_behind_floor(&self) -> bool {
+        self.floor() > self.server_acked.saturating_add(1)
     }
 
     /// Entries handed out by the send cursor and not yet acknowledged.

@@ -217,6 +217,27 @@ fn full_drop_oldest_counted<R: Rig>() {
     assert_eq!(queue.stats().next_seq, 2 * capacity + 1);
 }
 
+fn server_behind_floor_after_unacknowledged_drops<R: Rig>() {
+    let mut queue = open::<R>(FullPolicy::DropOldest);
+    assert!(!queue.server_behind_floor(), "a fresh queue owes nothing");
+    append_n(&mut queue, 2);
+    queue.ack(1).unwrap();
+    assert!(!queue.server_behind_floor(), "floor 2, acked through 1");
+    // The server stops acking; the full queue drops what it never got
+    // (every store of the rigs holds fewer than 1,000 records).
+    append_n(&mut queue, 1_000);
+    assert!(queue.floor() > 2);
+    assert!(queue.server_behind_floor());
+    // An ack up to the floor (after the hello that announced it) settles it.
+    queue.ack(queue.floor() - 1).unwrap();
+    assert!(!queue.server_behind_floor());
+    // After a reboot nothing is known to be acked until the first ack.
+    let mut queue = reboot::<R>(queue);
+    assert!(queue.server_behind_floor());
+    queue.ack(queue.floor() - 1).unwrap();
+    assert!(!queue.server_behind_floor());
+}
+
 fn inflight_window_and_rewind<R: Rig>() {
     let config = QueueConfig::new(FullPolicy::RejectNew).with_inflight_max(2);
     let mut queue = OfflineQueue::open_with(R::fresh(), config).unwrap();
@@ -289,6 +310,7 @@ over_both_stores!(
     empty_queue_reboot_keeps_next_sequence,
     full_reject_new,
     full_drop_oldest_counted,
+    server_behind_floor_after_unacknowledged_drops,
     inflight_window_and_rewind,
     ack_ahead_of_the_cursor,
     refuses_oversized_records_and_short_buffers,
