@@ -91,7 +91,7 @@ pub(crate) struct Guarded {
 }
 
 impl Guarded {
-    pub(crate) fn spawn(command: &mut Command, name: &'static str) -> Result<Self> {
+    fn spawn(command: &mut Command, name: &'static str) -> Result<Self> {
         let child = command
             .spawn()
             .with_context(|| format!("could not start `{}`", process::display(command)))?;
@@ -191,7 +191,7 @@ pub(crate) fn check_server_env(settings: &[String]) -> Result<()> {
 }
 
 /// Sets checked `--server-env` values on the server's command.
-pub(crate) fn apply_server_env(command: &mut Command, settings: &[String]) {
+fn apply_server_env(command: &mut Command, settings: &[String]) {
     for setting in settings {
         if let Some((name, value)) = setting.split_once('=') {
             command.env(name, value);
@@ -229,25 +229,8 @@ fn bench_fleet(args: &Args, server: &Path, generator: &Path, work: &Path) -> Res
             .arg("--data-dir")
             .arg(&data_dir),
     )?;
-    let [mqtt, mqtt_v5, http] = free_ports()?;
     let log_path = work.join("server.log");
-    let log = std::fs::File::create(&log_path).context("server log")?;
-    let mut command = Command::new(server);
-    command
-        .arg("serve")
-        .env("WILDCAM__DATA_DIR", &data_dir)
-        .env("WILDCAM__MQTT__LISTEN_V4", mqtt.to_string())
-        .env("WILDCAM__MQTT__LISTEN_V5", mqtt_v5.to_string())
-        .env("WILDCAM__HTTP__LISTEN", http.to_string())
-        .env("WILDCAM__LOG__FILTER", "warn");
-    apply_server_env(&mut command, &args.server_env);
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    eprintln!("xtask: {}", process::display(&command));
-    let mut child = Guarded::spawn(&mut command, "wildcam-fleet")?;
-    wait_accepting(&mut child, mqtt)?;
+    let (mut child, [mqtt, _, http]) = start_server(server, &data_dir, &log_path, &[], &args.server_env)?;
     let result = run_generator(args, generator, mqtt, Some(http), child.pid()).and_then(|()| {
         child
             .check_running()
@@ -256,6 +239,42 @@ fn bench_fleet(args: &Args, server: &Path, generator: &Path, work: &Path) -> Res
     child.stop()?;
     report_log(&log_path, result.is_err());
     result
+}
+
+/// Starts `wildcam-fleet serve` on `data_dir` and three free loopback ports
+/// (MQTT 3.1.1, MQTT 5, HTTP), logging warnings to `log_path`, with
+/// `settings` and then the user's `--server-env` values; returns once it
+/// accepts MQTT and HTTP connections.
+pub(crate) fn start_server(
+    server: &Path,
+    data_dir: &Path,
+    log_path: &Path,
+    settings: &[(&str, String)],
+    server_env: &[String],
+) -> Result<(Guarded, [SocketAddr; 3])> {
+    let ports @ [mqtt, mqtt_v5, http] = free_ports()?;
+    let log = std::fs::File::create(log_path).context("server log")?;
+    let mut command = Command::new(server);
+    command
+        .arg("serve")
+        .env("WILDCAM__DATA_DIR", data_dir)
+        .env("WILDCAM__MQTT__LISTEN_V4", mqtt.to_string())
+        .env("WILDCAM__MQTT__LISTEN_V5", mqtt_v5.to_string())
+        .env("WILDCAM__HTTP__LISTEN", http.to_string())
+        .env("WILDCAM__LOG__FILTER", "warn");
+    for (name, value) in settings {
+        command.env(name, value);
+    }
+    apply_server_env(&mut command, server_env);
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    eprintln!("xtask: {}", process::display(&command));
+    let mut child = Guarded::spawn(&mut command, "wildcam-fleet")?;
+    wait_accepting(&mut child, mqtt)?;
+    wait_accepting(&mut child, http)?;
+    Ok((child, ports))
 }
 
 fn bench_mosquitto(args: &Args, generator: &Path, work: &Path) -> Result<()> {
@@ -353,7 +372,7 @@ fn run_generator(
 
 /// `N` distinct free loopback ports: each listener is held until all are bound, so
 /// the kernel cannot hand the same port out twice.
-pub(crate) fn free_ports<const N: usize>() -> Result<[SocketAddr; N]> {
+fn free_ports<const N: usize>() -> Result<[SocketAddr; N]> {
     let listeners = (0..N)
         .map(|_| TcpListener::bind("127.0.0.1:0").context("binding a free port"))
         .collect::<Result<Vec<_>>>()?;
@@ -366,7 +385,7 @@ pub(crate) fn free_ports<const N: usize>() -> Result<[SocketAddr; N]> {
         .map_err(|_| anyhow::anyhow!("bound {N} ports but read back a different count"))
 }
 
-pub(crate) fn wait_accepting(child: &mut Guarded, addr: SocketAddr) -> Result<()> {
+fn wait_accepting(child: &mut Guarded, addr: SocketAddr) -> Result<()> {
     let started = Instant::now();
     loop {
         child.check_running()?;

@@ -25,13 +25,12 @@
 //! unknown or altered). Every child process is killed when this verb ends.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 
 use crate::bench::{
-    Guarded, WorkDir, apply_server_env, build_release, check_server_env, free_ports, print_machine,
-    report_log, target_dir, wait_accepting,
+    WorkDir, build_release, check_server_env, print_machine, report_log, start_server, target_dir,
 };
 use crate::process;
 
@@ -87,32 +86,17 @@ pub fn run(args: &Args) -> Result<()> {
             .args(["token", "create", "--role", "admin", "--label", "bench-sim", "--data-dir"])
             .arg(&data_dir),
     )?;
-    let [mqtt, mqtt_v5, http] = free_ports()?;
     let log_path = work.path.join("server.log");
-    let log = std::fs::File::create(&log_path).context("server log")?;
-    let mut command = Command::new(&server);
-    command
-        .arg("serve")
-        .env("WILDCAM__DATA_DIR", &data_dir)
-        .env("WILDCAM__MQTT__LISTEN_V4", mqtt.to_string())
-        .env("WILDCAM__MQTT__LISTEN_V5", mqtt_v5.to_string())
-        .env("WILDCAM__HTTP__LISTEN", http.to_string())
-        .env("WILDCAM__MQTT__MAX_CONNECTIONS", (traps + CONNECTION_HEADROOM).to_string())
+    let mut settings = vec![
+        ("WILDCAM__MQTT__MAX_CONNECTIONS", (traps + CONNECTION_HEADROOM).to_string()),
         // Every trap claims once, all within the first minute or two.
-        .env("WILDCAM__PROVISIONING__ATTEMPTS_PER_MINUTE", (traps * 6).max(6_000).to_string())
-        .env("WILDCAM__LOG__FILTER", "warn");
-    if let Some(public_key) = &ota_public_key {
-        command.env("WILDCAM__OTA__SIGNING_KEYS", public_key);
+        ("WILDCAM__PROVISIONING__ATTEMPTS_PER_MINUTE", (traps * 6).max(6_000).to_string()),
+    ];
+    if let Some(public_key) = ota_public_key {
+        settings.push(("WILDCAM__OTA__SIGNING_KEYS", public_key));
     }
-    apply_server_env(&mut command, &args.server_env);
-    command
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    eprintln!("xtask: {}", process::display(&command));
-    let mut child = Guarded::spawn(&mut command, "wildcam-fleet")?;
-    wait_accepting(&mut child, mqtt)?;
-    wait_accepting(&mut child, http)?;
+    let (mut child, [mqtt, _, http]) =
+        start_server(&server, &data_dir, &log_path, &settings, &args.server_env)?;
 
     let mut sim = Command::new(release.join("wildcam-sim"));
     sim.arg("run")
